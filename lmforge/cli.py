@@ -1,0 +1,117 @@
+"""`lmforge <command> [--config file.yaml] [key.sub=value ...] [--key value ...]`: parse, load config, run. Thin.
+
+Every command is a (config dataclass, run function) pair registered in COMMANDS; `--help` is generated from
+the dataclass fields so the docs cannot drift from the code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import iter_help, load_config
+from .core.errors import LMForgeError
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str          # module holding `Config` (a dataclass) and `run(config)`
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command("lmforge.quickstart", "the whole chain on the embedded corpus in minutes, with a report"),
+    "data": Command("lmforge.data.command", "read, clean, dedup, mix, tokenize and pack a corpus into shards"),
+    "tokenizer": Command("lmforge.tokenizer.command", "train a tokenizer (byte-level BPE, BPE, Unigram, WordPiece)"),
+    "pretrain": Command("lmforge.pretrain", "pretrain (or continue pretraining) a model on packed shards"),
+    "generate": Command("lmforge.infer.command", "sample text from a model (greedy, temperature, top-k, top-p)"),
+}
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<11} {cmd.summary}" for name, cmd in COMMANDS.items())
+    return (
+        "usage: lmforge <command> [--config FILE.yaml] [key.sub=value ...] [--key value ...]\n\n"
+        f"commands:\n{rows}\n\n"
+        "`lmforge <command> --help` lists every config key with its default and meaning.\n"
+        "Distributed: torchrun --nproc_per_node N -m lmforge pretrain ... train.parallel=ddp|fsdp"
+    )
+
+
+def _command_help(name: str, config_cls: type, doc: str | None) -> str:
+    lines = [f"usage: lmforge {name} [--config FILE.yaml] [key=value ...]", ""]
+    if doc:
+        lines += [textwrap.dedent(doc).strip(), ""]
+    lines.append("config keys (set in YAML or as key=value / --key value):")
+    for key, default, help_text in iter_help(config_cls):
+        lines.append(f"  {key} = {default}")
+        if help_text:
+            lines.append(f"      {help_text}")
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path, dotted overrides, wants help) from `--config F`, `k=v`, `--k v`, `--k=v`, `--help`."""
+    config_path, overrides, wants_help = None, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            wants_help = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config_path = arg.split("=", 1)[1]
+            else:
+                if i + 1 >= len(argv):
+                    raise LMForgeError("--config needs a file path")
+                config_path = argv[i + 1]
+                i += 1
+        elif arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                overrides.append(key)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                overrides.append(f"{key}=true")
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise LMForgeError(f"unexpected argument {arg!r}: use key=value or --key value")
+        i += 1
+    return config_path, overrides, wants_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lmforge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name].module)
+    config_cls: type = module.Config
+    run: Callable = module.run
+    try:
+        config_path, overrides, wants_help = split_args(rest)
+        if wants_help:
+            print(_command_help(name, config_cls, module.__doc__))
+            return 0
+        cfg = load_config(config_cls, config_path, overrides)
+        run(cfg)
+    except LMForgeError as e:
+        print(f"lmforge {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmforge {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create the project-local virtual environment (.venv) and install lmforge into it.
+#   bash scripts/setup.sh           # the package (quickstart, every CLI stage)
+#   bash scripts/setup.sh --test    # plus test dependencies (transformers, datasets, pytest)
+# torch is installed first and pinned, so no other package can pull a different (multi-GB CUDA) build.
+# Override the torch requirement with LMFORGE_TORCH (e.g. LMFORGE_TORCH="torch==2.13.0 --index-url ...").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${LMFORGE_TORCH:-torch==2.13.0}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC
+torch_version=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+constraints=$(mktemp)
+echo "torch==${torch_version}" > "$constraints"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c "$constraints" -e ".${extras}"
+rm -f "$constraints"
+echo "lmforge installed in .venv (torch ${torch_version})"
