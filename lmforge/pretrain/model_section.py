@@ -10,7 +10,7 @@ from ..core.errors import ConfigError
 
 @dataclass
 class ModelSection:
-    preset: str = opt("tiny", "size preset (see lmforge.model.PRESETS), used when init_from is empty")
+    preset: str = opt("llama-tiny", "size preset (see lmforge.model.PRESETS), used when init_from is empty")
     init_from: str = opt("", "HF checkpoint directory to start from (continued pretraining); overrides the preset")
     model_type: Optional[str] = opt(None, "override: llama | qwen2 | mistral | mixtral")
     hidden_size: Optional[int] = opt(None, "override: model width")

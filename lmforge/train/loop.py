@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.device import autocast_context, pick_device
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, DataError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (DistInfo, all_reduce_mean, barrier, full_model_state_dict, full_optimizer_state_dict,
@@ -58,6 +58,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     except OSError:
         return "fp32"
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+class _Endless:
+    """Iterate a batch source across epochs: a source's iterator may end at an epoch boundary."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+        self.it = iter(source)
+
+    def __next__(self) -> Any:
+        for _ in range(2):
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = iter(self.source)
+        raise DataError("the training data yields no batches: the dataset is smaller than one global batch")
 
 
 class Trainer:
@@ -168,7 +184,7 @@ class Trainer:
         with torch.no_grad(), autocast_context(self.device, self.precision):
             result = self.eval_fn(self.forward_model)
         self.model.train()
-        return {k: all_reduce_mean(v, self.dist) if self.cfg.parallel != "none" else v for k, v in result.items()}
+        return {k: all_reduce_mean(v, self.dist) for k, v in result.items()}
 
     def _install_sigint(self):
         def handler(signum, frame):
@@ -196,7 +212,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        batch_iter = iter(self.batches)
+        batch_iter = _Endless(self.batches)
         self.model.train()
         history: list[dict[str, Any]] = []
         last_eval: dict[str, float] = {}
