@@ -1,0 +1,136 @@
+"""Feed-forward building blocks: RMSNorm, the SwiGLU MLP, and the Mixtral-style MoE.
+
+Parameter names match Hugging Face's in-memory modules (`weight`, `gate_proj`/`up_proj`/`down_proj`;
+for MoE `gate.weight` and the fused `experts.gate_up_proj` / `experts.down_proj` that transformers 5
+uses), so PEFT-style targeting by name works and `hf.py` only converts MoE keys at the file boundary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like HF (the residual stream may be bf16).
+
+    Every norm here feeds only Linear layers. Under autocast each Linear would cast its float32 input
+    to bf16 on its own (q, k and v: three copies of one tensor, and three casts back in backward), so
+    the norm emits the autocast dtype once instead; the matmuls see exactly the same values.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:
+            out = self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            out = out.to(torch.get_autocast_dtype(device_type))
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+
+    Stacked weights let the MoE block run each expert on its tokens with one gather and three matmuls,
+    and are the layout transformers 5 uses in memory; `hf.py` splits them into Mixtral's published
+    `block_sparse_moe.experts.{j}.w1/w2/w3` keys on save and joins them on load.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
+
+class MoE(nn.Module):
+    """Mixtral sparse MoE: router logits → softmax → top-k → renormalise → weighted sum of experts.
+
+    forward returns (output, (router_prob_sum [E], routed_count [E], rows)), the per-layer statistics
+    from which the model builds HF's load-balancing loss over all layers at once.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, token_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        router_logits = self.gate(flat)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        top_weights, top_experts = torch.topk(probs, self.top_k, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+
+        # Token-choice dispatch: sort the (token, slot) pairs by expert, run each expert on its slice.
+        flat_experts = top_experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        token_of = order // self.top_k
+        routed = flat.index_select(0, token_of)
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts.tolist()):  # one host sync per layer, not per expert
+            if count:
+                outputs.append(self.experts.expert_forward(expert, routed[start:start + count]))
+            start += count
+        expert_out = torch.cat(outputs) * top_weights.reshape(-1)[order, None].to(flat.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of, expert_out.to(flat.dtype))
+
+        stats = self._router_stats(probs, top_experts, token_weight)
+        return out.reshape(shape), stats
+
+    def _router_stats(
+        self, probs: torch.Tensor, top_experts: torch.Tensor, token_weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums for HF's load_balancing_loss_func; `token_weight` [N] (0 for padding) excludes pads."""
+        if token_weight is None:
+            token_weight = torch.ones(probs.shape[0], device=probs.device, dtype=torch.float32)
+        counts = torch.zeros(self.num_experts, device=probs.device, dtype=torch.float32)
+        counts.scatter_add_(0, top_experts.reshape(-1), token_weight.repeat_interleave(self.top_k))
+        prob_sum = (probs * token_weight[:, None]).sum(dim=0)
+        return prob_sum, counts, token_weight.sum()
+
+
+def load_balancing_loss(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_experts: int) -> torch.Tensor:
+    """HF Mixtral's auxiliary loss: E · Σ_e (share of routed slots to e) · (mean router prob of e).
+
+    As in `transformers...load_balancing_loss_func`, all layers are pooled (sums over layers divided by
+    the total row count) before the product, rather than averaging per-layer losses.
+    """
+    prob_sum = sum(s[0] for s in stats)
+    counts = sum(s[1] for s in stats)
+    rows = sum(s[2] for s in stats)
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
