@@ -23,10 +23,11 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "quickstart": Command("lmforge.quickstart", "the whole chain on the embedded corpus in minutes, with a report"),
-    "data": Command("lmforge.data.command", "read, clean, dedup, mix, tokenize and pack a corpus into shards"),
-    "tokenizer": Command("lmforge.tokenizer.command", "train a tokenizer (byte-level BPE, BPE, Unigram, WordPiece)"),
+    "corpus": Command("lmforge.commands.corpus", "write the embedded synthetic bilingual corpus and its task sets"),
+    "data": Command("lmforge.commands.data", "read, clean, dedup, mix, tokenize and pack a corpus into shards"),
+    "tokenizer": Command("lmforge.commands.tokenizer", "train a tokenizer (byte-level BPE, BPE, Unigram, WordPiece)"),
     "pretrain": Command("lmforge.pretrain", "pretrain (or continue pretraining) a model on packed shards"),
-    "generate": Command("lmforge.infer.command", "sample text from a model (greedy, temperature, top-k, top-p)"),
+    "generate": Command("lmforge.commands.generate", "sample text from a model (greedy, temperature, top-k, top-p)"),
 }
 
 

@@ -162,24 +162,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Build `cls` from defaults ← YAML file ← `key.sub=value` overrides, validating every key."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded
+        tree = read_yaml(path)
+    return build_config(cls, tree, overrides)
+
+
+def build_config(cls: type[T], tree: dict[str, Any], overrides: list[str] | None = None) -> T:
+    """Build `cls` from a mapping (as read from YAML) plus dotted overrides."""
+    import copy
+
+    tree = copy.deepcopy(tree)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, cls, key.strip(), raw)
     return _build(cls, tree)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; ConfigError naming the file when missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return loaded
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

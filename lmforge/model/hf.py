@@ -107,11 +107,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, P
 
 # ---- key conversion ------------------------------------------------------------------------------
 
-def to_hf_state_dict(model: "Transformer") -> dict[str, torch.Tensor]:
+def to_hf_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in the key layout transformers writes (Mixtral experts split, tied head dropped)."""
-    config = model.config
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state_dict.items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         moe = re.match(r"^model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$", key)
@@ -267,10 +266,29 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
 
 
 def save_pretrained(model: "Transformer", path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """Write a model as an HF directory (see save_state_dict)."""
+    save_state_dict(model.config, model.state_dict(), path, max_shard_size)
+
+
+def load_state_dict(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, our-layout state dict) of an HF directory, without building a module (resume, FSDP).
+
+    Tied checkpoints get `lm_head.weight` back as the embedding tensor."""
+    path = Path(path)
+    config = read_config(path)
+    tensors, where = read_tensors(path)
+    state = from_hf_state_dict(tensors, config, where)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return config, state
+
+
+def save_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], path: str | Path,
+                    max_shard_size: int | str = "5GB") -> None:
     """Write weights (atomic per file), then generation_config.json and config.json; drop stale shards."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.cpu() for k, v in to_hf_state_dict(model).items()}
+    state = {k: v.cpu() for k, v in to_hf_state_dict(config, state_dict).items()}
     shards = _shard(state, parse_size(max_shard_size))
     written: set[str] = set()
     if len(shards) == 1:
@@ -290,10 +308,9 @@ def save_pretrained(model: "Transformer", path: str | Path, max_shard_size: int 
         if stale.name not in written and stale.exists() and (stale.name in (WEIGHTS_NAME, INDEX_NAME)
                                                             or _SHARD_RE.match(stale.name)):
             stale.unlink()
-    config = model.config
     generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
                   "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:
         generation["pad_token_id"] = config.pad_token_id
     atomic_write_json(path / GENERATION_CONFIG_NAME, generation)
-    atomic_write_json(path / CONFIG_NAME, config.to_hf(dtype=dtype_name(model.lm_head.weight.dtype)))
+    atomic_write_json(path / CONFIG_NAME, config.to_hf(dtype=dtype_name(state_dict["model.embed_tokens.weight"].dtype)))

@@ -26,7 +26,7 @@ def tokenizer_dir_for(data_dir: str, explicit: str) -> str:
     if not meta_path.is_file():
         raise DataError(f"no packed dataset at {data_dir} (missing {meta_path}); run `lmforge data` first")
     meta = json.loads(meta_path.read_text())
-    path = meta.get("tokenizer_path") or meta.get("tokenizer", {}).get("path") if isinstance(meta.get("tokenizer"), dict) else meta.get("tokenizer_path")
+    path = (meta.get("config") or {}).get("tokenizer")
     if not path:
         raise ConfigError(f"{meta_path} names no tokenizer; pass tokenizer=DIR")
     return path
@@ -56,7 +56,7 @@ def save_model_dir(model_config, state_dict: dict[str, torch.Tensor], tokenizer,
 
 
 def run(cfg) -> dict[str, Any]:
-    from ..data.loader import ShardLoader
+    from ..data.loader import ShardLoader, iter_eval_batches
     from ..tokenizer import Tokenizer
 
     tcfg = cfg.train
@@ -72,8 +72,8 @@ def run(cfg) -> dict[str, Any]:
         seed_everything(tcfg.seed)
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir_for(cfg.data, cfg.tokenizer))
         train_batches = ShardLoader(cfg.data, "train", batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
-                                    seed=tcfg.seed, rank=dist_info.rank, world_size=dist_info.world_size)
-        train_batches.check_tokenizer(tokenizer)
+                                    seed=tcfg.seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                                    tokenizer=tokenizer)
         model = build_model(cfg.model, tokenizer, device)
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = model.config.flops_per_token(tcfg.seq_len)
@@ -86,9 +86,8 @@ def run(cfg) -> dict[str, Any]:
                   f"global batch={tcfg.batch_size * tcfg.grad_accum * dist_info.world_size} sequences")
 
         def eval_fn(m):
-            batches = ShardLoader(cfg.data, "val", batch_size=tcfg.batch_size, seq_len=tcfg.seq_len, seed=0,
-                                  rank=dist_info.rank, world_size=dist_info.world_size)
-            return mean_loss(m, batches.iter_eval_batches(max_batches=tcfg.eval_batches or None))
+            return mean_loss(m, iter_eval_batches(cfg.data, tcfg.batch_size, tcfg.seq_len, "val", dist_info.rank,
+                                                  dist_info.world_size, max_batches=tcfg.eval_batches or None))
 
         provenance = {"stage": "pretrain", "config": to_dict(cfg), "parent": cfg.model.init_from or None,
                       "data": cfg.data, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -97,7 +96,13 @@ def run(cfg) -> dict[str, Any]:
         def write_model(state_dict, out: Path) -> None:
             save_model_dir(model_config, state_dict, tokenizer, out, provenance)
 
-        trainer = Trainer(tcfg, model, causal_lm_loss, train_batches, write_model=write_model, eval_fn=eval_fn,
+        def read_model(directory: Path) -> dict[str, torch.Tensor]:
+            from ..model.hf import load_state_dict
+
+            return load_state_dict(directory)[1]
+
+        trainer = Trainer(tcfg, model, causal_lm_loss, train_batches, write_model=write_model, read_model=read_model,
+                          eval_fn=eval_fn,
                           flops_per_token=flops_per_token, dist_info=dist_info,
                           config_yaml=(run_dir / "config.yaml").read_text() if dist_info.is_main else "")
         if tcfg.resume == "" and dist_info.is_main:

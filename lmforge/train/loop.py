@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.device import autocast_context, pick_device
-from ..core.errors import CheckpointError, ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (DistInfo, all_reduce_mean, barrier, full_model_state_dict, full_optimizer_state_dict,
@@ -45,6 +45,7 @@ class BatchSource(Protocol):
 LossFn = Callable[[nn.Module, Any], LossOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 WriteModel = Callable[[dict[str, torch.Tensor], Path], None]
+ReadModel = Callable[[Path], dict[str, torch.Tensor]]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -78,7 +79,7 @@ class _Endless:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, loss_fn: LossFn, batches: BatchSource, *,
-                 write_model: WriteModel, eval_fn: EvalFn | None = None, flops_per_token: float = 0.0,
+                 write_model: WriteModel, read_model: ReadModel, eval_fn: EvalFn | None = None, flops_per_token: float = 0.0,
                  dist_info: DistInfo | None = None, config_yaml: str = "", param_groups: list[dict] | None = None,
                  log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -88,7 +89,8 @@ class Trainer:
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ConfigError("train.precision=fp16 is CUDA-only; use bf16 or fp32 on CPU")
         self.run_dir = Path(cfg.out_dir)
-        self.loss_fn, self.batches, self.eval_fn, self.write_model = loss_fn, batches, eval_fn, write_model
+        self.loss_fn, self.batches, self.eval_fn = loss_fn, batches, eval_fn
+        self.write_model, self.read_model = write_model, read_model  # checkpoint's model/ dir <-> state dict
         self.flops_per_token = flops_per_token
         self.config_yaml = config_yaml
         self.log = log if self.dist.is_main else (lambda _msg: None)
@@ -112,15 +114,7 @@ class Trainer:
         if path is None:
             return None
         state = ckpt.load_checkpoint(path)
-        from safetensors.torch import load_file
-
-        model_files = sorted(Path(state["model_dir"]).glob("*.safetensors"))
-        if not model_files:
-            raise CheckpointError(f"checkpoint {path}: no model weights in {state['model_dir']}")
-        model_sd: dict[str, torch.Tensor] = {}
-        for f in model_files:
-            model_sd.update(load_file(str(f)))
-        model_sd = self._complete_state_dict(model_sd)
+        model_sd = self.read_model(Path(state["model_dir"]))
         load_full_state(self.model, self.optimizer, model_sd, state["optimizer_state"], self.cfg.parallel)
         ts = state["trainer_state"]
         self.scheduler.load_state_dict(ts["scheduler"])
@@ -128,14 +122,6 @@ class Trainer:
         self.step, self.tokens_seen = ts["step"], ts["tokens_seen"]
         self.log(f"resumed from {path} at step {self.step}")
         return self.step
-
-    def _complete_state_dict(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Re-add tied weights that the HF layout stores once."""
-        own = unwrap(self.model).state_dict()
-        for k in own:
-            if k not in sd and k == "lm_head.weight" and "model.embed_tokens.weight" in sd:
-                sd[k] = sd["model.embed_tokens.weight"]
-        return sd
 
     def save(self) -> Path | None:
         model_sd = full_model_state_dict(self.model, self.cfg.parallel)

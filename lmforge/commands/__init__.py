@@ -1,0 +1,1 @@
+"""Thin CLI wirings that join packages the layering keeps apart (e.g. data readers → tokenizer training)."""
