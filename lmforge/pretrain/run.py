@@ -105,10 +105,7 @@ def run(cfg) -> dict[str, Any]:
                           eval_fn=eval_fn,
                           flops_per_token=flops_per_token, dist_info=dist_info,
                           config_yaml=(run_dir / "config.yaml").read_text() if dist_info.is_main else "")
-        if tcfg.resume == "" and dist_info.is_main:
-            before = trainer.evaluate()
-        else:
-            before = {}
+        before = trainer.evaluate() if not tcfg.resume else {}  # every rank: eval is collective under FSDP
         summary = trainer.fit()
         summary["initial_val"] = before
         summary["num_params"] = n_params
