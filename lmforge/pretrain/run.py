@@ -131,7 +131,15 @@ def run(cfg) -> dict[str, Any]:
 
 def _guard_run_dir(run_dir: Path, tcfg) -> None:
     """Never clobber a finished run unless asked; a resume continues it."""
-    if tcfg.resume or tcfg.overwrite:
+    if tcfg.resume:
+        return
+    if tcfg.overwrite:  # start over: a stale `latest` must not survive into the new run
+        import shutil
+
+        for name in ("checkpoints", "tensorboard", "model"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (run_dir / name).unlink(missing_ok=True)
         return
     if (run_dir / "checkpoints").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass train.resume=auto to continue it or "
