@@ -143,3 +143,17 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("train.lr", "train.resume", "train.parallel", "model.preset", "model.num_layers", "data"):
         assert key in out
+
+
+def test_tensorboard_and_bf16_autocast(tiny_data, tmp_path):
+    summary = _run(tmp_path / "run", tiny_data, "train.max_steps=3", "train.tensorboard=true",
+                   "train.precision=bf16", "train.schedule=wsd", "train.activation_checkpointing=true")
+    assert summary["precision"] == "bf16"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tiny_data, tmp_path):
+    eager = _run(tmp_path / "eager", tiny_data, "train.max_steps=3")
+    compiled = _run(tmp_path / "compiled", tiny_data, "train.max_steps=3", "train.compile=true")
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], abs=1e-3)

@@ -1,8 +1,11 @@
 """Fact recall: can the model complete a sentence about the synthetic world with the right fact?
 
 A cheap, direct measure of what pretraining learned: for sampled facts, the prompt is a fact statement cut
-just before its object ("Li Ming lives in"), the model continues greedily, and a hit is a continuation that
-starts with the object. Reported per language; a random model scores ~0.
+just before its object ("Li Ming lives in"), and a hit is a model whose greedy prediction reproduces every
+token of the object. The statement is tokenized whole and the object's tokens are checked under teacher
+forcing: byte-level BPE merges across the prompt/object boundary (Chinese has no spaces, so "在青溪市" may
+start with a token "在青"), and cutting the text before tokenizing would ask the model to continue a token
+sequence it never saw. Reported per language; a random model scores ~0.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ..data.synthetic.text import a_an, fact_templates, fill, zh_numeral
 @dataclass
 class ClozePrompt:
     prompt: str
-    answers: list[str]
+    answer: str
     lang: str
     fact_id: str
 
@@ -40,28 +43,36 @@ def cloze_prompts(world: World, num_facts: int = 100, seed: int = 0, langs: tupl
                 cut = min((text.find(s) for s in surface if s and text.find(s) > 0), default=-1)
                 prefix = text[:cut].rstrip() if lang == "en" else text[:cut]
                 if cut > 0 and fact.subject_name(lang) in prefix:
-                    answers = sorted({s for s in surface if s and text.startswith(s, cut)}, key=len, reverse=True)
-                    prompts.append(ClozePrompt(prefix, answers or [obj], lang, fact.fact_id))
+                    answer = max((s for s in surface if s and text.startswith(s, cut)), key=len)
+                    prompts.append(ClozePrompt(prefix, text[len(prefix):cut] + answer, lang, fact.fact_id))
                     break
     return prompts
 
 
-def fact_recall(model, tokenizer, prompts: list[ClozePrompt], max_new_tokens: int = 12,
-                batch_size: int = 64) -> tuple[dict[str, float], list[tuple[str, str, bool]]]:
-    """Accuracy per language (and 'all') plus (prompt, completion, hit) rows."""
-    from ..infer import generate
+def fact_recall(model, tokenizer, prompts: list[ClozePrompt], batch_size: int = 64
+                ) -> tuple[dict[str, float], list[tuple[str, str, bool]]]:
+    """Accuracy per language (and 'all') plus (prompt, greedy prediction of the object, hit) rows."""
+    import torch
 
     rows: list[tuple[str, str, bool]] = []
     hits: dict[str, list[bool]] = {}
-    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
+    device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = [tokenizer.encode(p.prompt) for p in chunk]
-        outputs = generate(model, ids, max_new_tokens, eos_token_id=stop)
-        for p, out in zip(chunk, outputs):
-            completion = tokenizer.decode(out, skip_special_tokens=True)
-            hit = any(completion.strip().startswith(a) for a in p.answers)
-            rows.append((p.prompt, completion, hit))
+        encoded = [tokenizer.backend.encode(p.prompt + p.answer, add_special_tokens=False) for p in chunk]
+        width = max(len(e.ids) for e in encoded)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e.ids)] = torch.tensor(e.ids)  # right padding: causal attention never sees it
+        with torch.inference_mode():
+            predicted = model(ids.to(device)).argmax(-1).cpu()
+        for row, (p, e) in enumerate(zip(chunk, encoded)):
+            first = next(i for i, (_, end) in enumerate(e.offsets) if end > len(p.prompt))
+            first = max(first, 1)
+            target = e.ids[first:]
+            guess = predicted[row, first - 1:len(e.ids) - 1].tolist()
+            hit = guess == target
+            rows.append((p.prompt, tokenizer.decode(guess), hit))
             hits.setdefault(p.lang, []).append(hit)
     scores = {lang: sum(h) / len(h) for lang, h in hits.items()}
     every = [h for hs in hits.values() for h in hs]

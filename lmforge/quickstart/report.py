@@ -103,17 +103,23 @@ def write_report(results: dict[str, Any], tokenizer) -> Path:
         f"Training throughput {pre['tgs_steady']:,.0f} tokens/s (steady state), MFU {pre['mfu_steady']:.1%} of the "
         f"measured {pre['peak_flops'] / 1e9:.0f} GFLOP/s matmul peak; wall {pre['wall_seconds']:.0f} s.", "",
         "![loss curve](loss_curve.png)", "",
-        "## 5. Samples (greedy, after pretraining)", "",
-        "Fact recall: the prompt is a fact statement cut before its object; a hit continues with the object.", "",
-        "| prompt | completion | hit |", "|---|---|:-:|",
+        "## 5. Fact recall after pretraining", "",
+        "The prompt is a fact statement cut before its object; a hit is a model whose greedy prediction "
+        "reproduces every token of the object.", "",
+        "| prompt | greedy prediction | hit |", "|---|---|:-:|",
         *(f"| {p} | {c.strip().replace('|', '/').replace(chr(10), ' ')} | {'✓' if h else '✗'} |"
-          for p, c, h in results["samples"][:12]), "",
+          for p, c, h in results["recall_rows"][:12]), "",
+        "## 6. Samples (temperature 0.8, top-p 0.95, KV-cache generation)", "",
+        *(f"- **{p}**{c}" for p, c in results["samples"]), "",
+        f"Generation speed: {results['generation_tokens_per_second']:.0f} tokens/s (batch of "
+        f"{len(results['samples'])}, fp32).", "",
         "## Rerun any stage by hand", "",
         "```", "lmforge corpus --config recipes/quickstart/corpus.yaml",
         "lmforge tokenizer --config recipes/quickstart/tokenizer.yaml",
         "lmforge data --config recipes/quickstart/data.yaml",
         "lmforge pretrain --config recipes/quickstart/pretrain.yaml",
-        f"lmforge generate --model {pre['model_dir']} --prompt \"{results['samples'][0][0]}\"", "```", "",
+        f"lmforge generate --model {pre['model_dir']} --prompt \"{results['samples'][0][0]}\" --temperature 0.8",
+        "```", "",
     ]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))

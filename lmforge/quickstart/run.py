@@ -28,7 +28,8 @@ def run(cfg) -> dict[str, Any]:
     from ..core.device import pick_device
     from ..data.config import DataConfig
     from ..data.pipeline import run_data_pipeline
-    from ..data.synthetic import make_world
+    from ..data.synthetic import make_world_from_config
+    from ..infer import generate
     from ..model import Transformer
     from ..pretrain import Config as PretrainConfig
     from ..pretrain import run as pretrain
@@ -74,15 +75,22 @@ def run(cfg) -> dict[str, Any]:
 
     t = stage("5/5 sample and measure fact recall")
     device = pick_device(cfg.device)
-    world = make_world(corpus_cfg.corpus.seed)
+    world = make_world_from_config(corpus_cfg.corpus.seed, corpus_cfg.corpus.world)
     prompts = cloze_prompts(world, cfg.recall_facts, seed=corpus_cfg.corpus.seed)
     trained = Transformer.from_pretrained(summary["model_dir"], device=device, dtype=torch.float32).eval()
     torch.manual_seed(pre_cfg.train.seed)
     untrained = Transformer(trained.config).to(device).eval()
     recall_before, _ = fact_recall(untrained, tokenizer, prompts)
-    t_gen = time.perf_counter()
     recall_after, rows = fact_recall(trained, tokenizer, prompts)
+    sample_prompts = [prompts[0].prompt, prompts[1].prompt]
+    t_gen = time.perf_counter()
+    outputs = generate(trained, [tokenizer.encode(p) for p in sample_prompts], 48, temperature=0.8, top_p=0.95,
+                       eos_token_id=tokenizer.eos_id, seed=0)
     gen_seconds = time.perf_counter() - t_gen
+    samples = [(p, tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(sample_prompts, outputs)]
+    for p, text in samples:
+        print(f"sample: {p}\u2192{text}")
+    gen_tokens = sum(len(o) for o in outputs)
     timings["sample"] = time.perf_counter() - t
     print(f"fact recall: before {recall_before['all']:.1%} -> after {recall_after['all']:.1%} "
           f"(en {recall_after.get('en', 0):.1%}, zh {recall_after.get('zh', 0):.1%})")
@@ -90,7 +98,8 @@ def run(cfg) -> dict[str, Any]:
 
     results = {"manifest": manifest, "tokenizer": {"kind": tok_cfg.tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                "data": data_report, "pretrain": summary, "recall_before": recall_before,
-               "recall_after": recall_after, "samples": rows, "generation_seconds": gen_seconds,
+               "recall_after": recall_after, "recall_rows": rows, "samples": samples,
+               "generation_tokens_per_second": gen_tokens / gen_seconds,
                "timings": timings, "out_dir": str(out)}
     report_path = write_report(results, tokenizer)
     print(f"\nquickstart done in {timings['total']:.0f}s: val PPL {summary.get('initial_val', {}).get('val_ppl', float('nan')):.1f}"

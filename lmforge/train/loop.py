@@ -167,8 +167,9 @@ class Trainer:
         if self.eval_fn is None:
             return {}
         self.model.eval()
+        # eager on purpose: inductor's CPU no_grad path (mkldnn weight prepacking) wants frozen weights
         with torch.no_grad(), autocast_context(self.device, self.precision):
-            result = self.eval_fn(self.forward_model)
+            result = self.eval_fn(self.model)
         self.model.train()
         return {k: all_reduce_mean(v, self.dist) for k, v in result.items()}
 
@@ -241,6 +242,10 @@ class Trainer:
                 history.append(record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or last_eval:
                     metrics.log(record)
+                if progress is None and (self.step % max(1, cfg.max_steps // 10) == 0 or "val_loss" in record):
+                    self.log(f"step {self.step}/{cfg.max_steps} loss {loss:.4f} lr {lr:.2e} "
+                             f"tok/s {record['tokens_per_second']:.0f} mfu {record['mfu']:.1%}"
+                             + (f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""))
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_second']:.0f}",
