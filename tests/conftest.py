@@ -1,9 +1,19 @@
 """Shared fixtures: a tiny packed dataset built once per test session (per xdist worker)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """One intra-op thread per xdist worker: two workers × two threads on two cores oversubscribe the CPU,
+    and tiny models then run tens of times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,14 @@ The interface the model relies on (a paged-KV engine can hand the model any obje
                                             every layer of one forward writes at the same offset
 
 Slot indices are what the causal, sliding-window and ALiBi masks are built from; see attention.py.
+
+Optional hook, for a cache that packs several sequences into one row (the engine's paged cache,
+`lmforge/infer/paged_cache.py`):
+
+    cache.attend(layer_idx, q, k, v)     -> out [B, heads, T, head_dim]: store k, v and compute the
+                                            attention itself, because only the cache knows which keys
+                                            belong to which query; the model then skips update() and its
+                                            own masks (the caller passes position_ids).
 """
 from __future__ import annotations
 

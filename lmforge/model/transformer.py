@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionMask, build_attention_masks
 from .config import ModelConfig
-from .layers import MLP, MoE, RMSNorm, load_balancing_loss
+from .layers import MLP, Linear, MoE, RMSNorm, load_balancing_loss
 from .rope import RotaryEmbedding
 
 
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
         config.validate()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
