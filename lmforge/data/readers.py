@@ -55,7 +55,7 @@ def _bad_line(path: Path | str, line: int, reason: str, on_error: str, stats: Re
     """Raise a DataError for a malformed line, or count it when on_error == 'skip'."""
     where = f"{path}:{line}: {reason}"
     if on_error != "skip":
-        raise DataError(where + " (set data.on_error=skip to skip and count such lines)")
+        raise DataError(where + " (set on_error=skip to skip and count such lines)")
     stats.skipped += 1
     if len(stats.skipped_examples) < _MAX_EXAMPLES:
         stats.skipped_examples.append(where)
@@ -126,9 +126,17 @@ def _check_text(value: object, field_name: str) -> str | None:
     return None
 
 
-def read_jsonl(path: str | Path, source: str, text_field: str = "text", on_error: str = "raise",
-               stats: ReadStats | None = None) -> Iterator[Document]:
-    """Documents of a JSON-lines file: `text_field` of each object; blank lines are ignored."""
+def bad_line(path: Path | str, line: int, reason: str, on_error: str, stats: ReadStats) -> None:
+    """Public name of the malformed-line rule (raise, or count under on_error=skip) for other readers."""
+    _bad_line(path, line, reason, on_error, stats)
+
+
+def iter_json_objects(path: str | Path, on_error: str = "raise", stats: ReadStats | None = None
+                      ) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each JSON object line of a JSONL file (.gz too); blank lines are ignored.
+
+    Invalid UTF-8, invalid JSON and non-object lines follow the malformed-line rule. Every JSONL reader
+    (pretraining text, multiple choice, SFT, preference) goes through here."""
     path, stats = Path(path), stats if stats is not None else ReadStats()
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -143,15 +151,23 @@ def read_jsonl(path: str | Path, source: str, text_field: str = "text", on_error
             if not isinstance(obj, dict):
                 _bad_line(path, lineno, f"expected a JSON object, got {type(obj).__name__}", on_error, stats)
                 continue
-            if text_field not in obj:
-                keys = ", ".join(sorted(obj)[:10])
-                _bad_line(path, lineno, f"missing field {text_field!r} (keys: {keys})", on_error, stats)
-                continue
-            problem = _check_text(obj[text_field], text_field)
-            if problem:
-                _bad_line(path, lineno, problem, on_error, stats)
-                continue
-            yield Document(obj[text_field], source, str(path), lineno)
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path, source: str, text_field: str = "text", on_error: str = "raise",
+               stats: ReadStats | None = None) -> Iterator[Document]:
+    """Documents of a JSON-lines file: `text_field` of each object; blank lines are ignored."""
+    path, stats = Path(path), stats if stats is not None else ReadStats()
+    for lineno, obj in iter_json_objects(path, on_error, stats):
+        if text_field not in obj:
+            keys = ", ".join(sorted(obj)[:10])
+            _bad_line(path, lineno, f"missing field {text_field!r} (keys: {keys})", on_error, stats)
+            continue
+        problem = _check_text(obj[text_field], text_field)
+        if problem:
+            _bad_line(path, lineno, problem, on_error, stats)
+            continue
+        yield Document(obj[text_field], source, str(path), lineno)
 
 
 def _iter_text_column(batches: Iterable[list], path: Path, source: str, text_field: str,

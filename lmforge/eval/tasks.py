@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from ..core.errors import DataError
-from ..data.readers import ReadStats
+from ..data.readers import ReadStats, bad_line, iter_json_objects
 
 LETTERS = string.ascii_uppercase
 SPLIT_SUFFIXES = ("dev", "val", "validation", "test", "train")
@@ -119,12 +119,7 @@ def subject_of(path: str | Path) -> str:
 
 
 def _bad_row(path: Path, line: int, reason: str, on_error: str, stats: ReadStats) -> None:
-    where = f"{path}:{line}: {reason}"
-    if on_error != "skip":
-        raise DataError(where + " (set on_error=skip to skip and count such rows)")
-    stats.skipped += 1
-    if len(stats.skipped_examples) < 5:
-        stats.skipped_examples.append(where)
+    bad_line(path, line, reason, on_error, stats)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -220,27 +215,7 @@ def read_mc_jsonl(path: str | Path, subject: str | None = None, on_error: str = 
     subject = subject or subject_of(path)
     stats.files += 1
     out = []
-    try:
-        with open(path, "rb") as f:
-            lines = list(f)
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    for line, raw in enumerate(lines, 1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            _bad_row(path, line, f"invalid UTF-8 at byte {e.start} of the line", on_error, stats)
-            continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            _bad_row(path, line, f"not valid JSON ({e.msg} at column {e.colno})", on_error, stats)
-            continue
-        if not isinstance(record, dict):
-            _bad_row(path, line, f"expected a JSON object, got {type(record).__name__}", on_error, stats)
-            continue
+    for line, record in iter_json_objects(path, on_error, stats):
         try:
             out.append(question_from_record(record, subject, f"{path}:{line}"))
         except ValueError as e:
