@@ -12,34 +12,42 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.model import attention
+from lmforge.model import attention, layers
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.layers import Linear
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_linear_matches_f_linear_with_gradients(bias, frozen_weight):
+def test_linear_matches_f_linear_with_gradients(bias, frozen_weight, monkeypatch):
+    calls = []
+    real = layers.onednn_linear
+    monkeypatch.setattr(layers, "onednn_linear", lambda *args: calls.append(1) or real(*args))
     torch.manual_seed(0)
-    layer = Linear(48, 40, bias=bias)
+    layer = Linear(96, 64, bias=bias)  # 8·128·96·64 multiply-adds: above the size where oneDNN takes over
     layer.weight.requires_grad_(not frozen_weight)
-    x = torch.randn(3, 7, 48, requires_grad=True)
-    grad_out = torch.randn(3, 7, 40)
+    x = torch.randn(8, 128, 96, requires_grad=True)
+    grad_out = torch.randn(8, 128, 64)
     layer(x).backward(grad_out)
+    assert calls or layers._ONEDNN_LINEAR is None  # the oneDNN path ran (where PyTorch has oneDNN)
     x_ref = x.detach().clone().requires_grad_()
     w_ref = layer.weight.detach().clone().requires_grad_(not frozen_weight)
     b_ref = layer.bias.detach().clone().requires_grad_() if bias else None
     out_ref = F.linear(x_ref, w_ref, b_ref)
     out_ref.backward(grad_out)
     assert isinstance(layer, torch.nn.Linear)
-    assert torch.allclose(layer(x), out_ref, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+    def close(ours: torch.Tensor, reference: torch.Tensor) -> bool:  # fp32 sums in another order
+        return bool((ours - reference).abs().max() <= 1e-6 * reference.abs().max() * reference.shape[-1] ** 0.5 + 1e-6)
+
+    assert close(layer(x), out_ref)
+    assert close(x.grad, x_ref.grad)
     if frozen_weight:
         assert layer.weight.grad is None
     else:
-        assert torch.allclose(layer.weight.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
+        assert close(layer.weight.grad, w_ref.grad)
     if bias:
-        assert torch.allclose(layer.bias.grad, b_ref.grad, atol=1e-5, rtol=1e-5)
+        assert close(layer.bias.grad, b_ref.grad)
 
 
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=4)
