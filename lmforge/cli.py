@@ -27,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "data": Command("lmforge.commands.data", "read, clean, dedup, mix, tokenize and pack a corpus into shards"),
     "tokenizer": Command("lmforge.commands.tokenizer", "train a tokenizer (byte-level BPE, BPE, Unigram, WordPiece)"),
     "pretrain": Command("lmforge.pretrain", "pretrain (or continue pretraining) a model on packed shards"),
+    "finetune": Command("lmforge.finetune", "supervised fine-tuning: full, freeze, bitfit, LoRA, DoRA, IA3"),
     "generate": Command("lmforge.commands.generate", "sample text from a model (greedy, temperature, top-k, top-p)"),
 }
 
