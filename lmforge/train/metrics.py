@@ -13,26 +13,35 @@ from ..core.io import atomic_write_json
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on this device and dtype: the practical peak MFU is measured against."""
+    """FLOP/s of a large square matmul on this device and dtype (best kernel we use): the practical peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
+    kernels = [lambda: a @ b]
+    if device.type == "cpu" and dtype == torch.float32:
+        # our fp32 linears run on oneDNN (lmforge.model.layers), which beats torch.mm's MKL path on some CPUs
+        from ..model.layers import linear
+
+        bt = b.t().contiguous()
+        kernels.append(lambda: linear(a, bt))
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+    for kernel in kernels:
+        kernel()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            kernel()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
 def cached_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """measure_peak_flops, cached per (device, dtype, threads) under ~/.cache/lmforge so runs agree."""
-    key = f"{device.type}-{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}-{dtype}-{torch.get_num_threads()}"
+    key = f"v2-{device.type}-{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}-{dtype}-{torch.get_num_threads()}"
     cache = Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "peak_flops.json"
     table: dict[str, float] = {}
     if cache.is_file():
