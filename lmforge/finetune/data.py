@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..core.errors import DataError
-from ..data.readers import ReadStats, _bad_line, iter_json_objects
+from ..data.readers import ReadStats, bad_line, iter_json_objects
 from ..train.losses import IGNORE_INDEX
 
 FORMATS = ("auto", "messages", "alpaca", "sharegpt")
@@ -104,7 +104,7 @@ def read_conversations(paths: str | Path | Sequence[str | Path], fmt: str = "aut
             try:
                 out.append(to_messages(obj, fmt))
             except ValueError as e:
-                _bad_line(path, lineno, str(e), on_error, stats)
+                bad_line(path, lineno, str(e), on_error, stats)
                 continue
             stats.documents += 1
     return out

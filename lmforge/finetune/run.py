@@ -7,7 +7,6 @@ layout) and, with finetune.merge=true, the merged model as `<out>/model`. Checkp
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ..core.errors import ConfigError, DataError
 from ..core.io import atomic_write_json
 from ..core.seed import seed_everything
 from ..data.readers import ReadStats
-from ..pretrain.run import _guard_run_dir, save_model_dir
+from ..train.rundir import guard_run_dir, replace_dir, save_model_dir
 from ..train.distributed import DistInfo, init_distributed, shutdown, unwrap
 from ..train.loop import Trainer
 from ..train.losses import causal_lm_loss
@@ -76,9 +75,7 @@ def run(cfg) -> dict[str, Any]:
     run_dir = Path(tcfg.out_dir)
     try:
         if dist_info.is_main:
-            _guard_run_dir(run_dir, tcfg)
-            if tcfg.overwrite:  # pretrain's guard does not know the adapter artefact
-                shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+            guard_run_dir(run_dir, tcfg)
         seed_everything(tcfg.seed)
         tokenizer = Tokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.init_from)
         train_ex, val_ex, read_stats = load_examples(cfg, tokenizer)
@@ -166,12 +163,12 @@ def adapter_into_state_dict(model, directory: Path, name: str = "default") -> di
     from safetensors.torch import load_file
 
     from ..core.errors import CheckpointError
-    from ..peft.io import PREFIX, WEIGHTS_NAME, _live_tensors
+    from ..peft.io import PREFIX, WEIGHTS_NAME, adapter_parameter_map
 
     saved = load_file(str(Path(directory) / WEIGHTS_NAME))
     key_of = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for file_key, live in _live_tensors(model, name).items():
+    for file_key, live in adapter_parameter_map(model, name).items():
         if PREFIX + file_key not in saved:
             raise CheckpointError(f"{directory / WEIGHTS_NAME}: missing {PREFIX + file_key}")
         state[key_of[id(live)]] = saved[PREFIX + file_key]
@@ -198,15 +195,6 @@ def _save_final(model, fcfg, tokenizer, run_dir: Path, provenance: dict, base: s
             save_model_dir(merged.config, merged.state_dict(), tokenizer, run_dir / "model", provenance)
             out["model_dir"] = str(run_dir / "model")
         return out
-    _replace_dir(checkpoint / "model", run_dir / "model")
+    replace_dir(checkpoint / "model", run_dir / "model")
     out["model_dir"] = str(run_dir / "model")
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Copy src to dst through a temporary sibling, so dst is either the old or the complete new copy."""
-    tmp = dst.with_name("." + dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)

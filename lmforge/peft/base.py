@@ -15,6 +15,7 @@ the layer, set for the whole model by `inject.set_adapter` / `disable_adapters` 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterator
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from .config import AdapterConfig
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, ABC):
     """Base class: forward dispatch (single adapter, disabled, mixed rows, merged) over `adapter_forward`."""
 
     base_layer: nn.Module  # the wrapped module; a subclass registers it (peft's key names differ per kind)
@@ -37,25 +38,30 @@ class AdapterLayer(nn.Module):
         self.original_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None  # kept by merge.py
 
     # ----- what a subclass provides ------------------------------------------------------------------
+    @abstractmethod
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def add_adapter(self, name: str, cfg: AdapterConfig, **kwargs) -> None:
         """Create adapter `name`'s parameters (initialised so the output starts equal to the base)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete_adapter(self, name: str) -> None:
         """Drop adapter `name`'s parameters."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """Adapter `name`'s trainable parameters."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def adapter_forward(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
         """The layer's output with adapter `name` applied; `base_out` = base_layer(x) when already computed."""
-        raise NotImplementedError
+        ...
 
     # ----- dispatch -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

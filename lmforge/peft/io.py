@@ -125,7 +125,7 @@ def from_peft_config(raw: dict, path: Path) -> AdapterConfig:
 
 
 # ----- tensors ----------------------------------------------------------------------------------------------
-def _live_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+def adapter_parameter_map(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """File key (without PREFIX) → the model's parameter holding it, for adapter `name`."""
     out: dict[str, torch.Tensor] = {}
     for module_name, layer in adapter_layers(model):
@@ -149,7 +149,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     state = peft_state(model)
     if name not in state.configs:
         raise ConfigError(f"unknown adapter {name!r}; the model holds {sorted(state.configs)}")
-    return {PREFIX + key: t.detach().to("cpu").contiguous() for key, t in _live_tensors(model, name).items()}
+    return {PREFIX + key: t.detach().to("cpu").contiguous() for key, t in adapter_parameter_map(model, name).items()}
 
 
 def _file_key(key: str, path: Path) -> str:
@@ -239,7 +239,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, a
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
     try:
-        _copy_checked(_live_tensors(model, name), loaded, weights_path)
+        _copy_checked(adapter_parameter_map(model, name), loaded, weights_path)
     except BaseException:
         delete_adapter(model, name)
         raise

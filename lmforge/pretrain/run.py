@@ -13,8 +13,9 @@ from ..core.device import pick_device, set_threads
 from ..core.errors import ConfigError, DataError
 from ..core.io import atomic_write_json
 from ..core.seed import seed_everything
-from ..train.distributed import DistInfo, init_distributed, shutdown, unwrap
+from ..train.distributed import DistInfo, init_distributed, shutdown
 from ..train.loop import Trainer
+from ..train.rundir import guard_run_dir, replace_dir, save_model_dir
 from ..train.losses import causal_lm_loss, mean_loss
 
 
@@ -46,15 +47,6 @@ def build_model(section, tokenizer, device: torch.device):
     return Transformer(cfg)
 
 
-def save_model_dir(model_config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, provenance: dict) -> None:
-    """An HF-layout directory: weights + config + tokenizer + lmforge.json (how it was made)."""
-    from ..model.hf import save_state_dict
-
-    save_state_dict(model_config, state_dict, out)
-    tokenizer.save_pretrained(out)
-    atomic_write_json(out / "lmforge.json", provenance)
-
-
 def run(cfg) -> dict[str, Any]:
     from ..data.loader import ShardLoader, iter_eval_batches
     from ..tokenizer import Tokenizer
@@ -68,7 +60,7 @@ def run(cfg) -> dict[str, Any]:
     run_dir = Path(tcfg.out_dir)
     try:
         if dist_info.is_main:
-            _guard_run_dir(run_dir, tcfg)
+            guard_run_dir(run_dir, tcfg)
         seed_everything(tcfg.seed)
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir_for(cfg.data, cfg.tokenizer))
         train_batches = ShardLoader(cfg.data, "train", batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
@@ -111,39 +103,13 @@ def run(cfg) -> dict[str, Any]:
         summary["num_params"] = n_params
         if dist_info.is_main:
             final = run_dir / "model"
-            import shutil
-
-            src = Path(summary["checkpoint"]) / "model"
-            tmp = run_dir / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            shutil.copytree(src, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            replace_dir(Path(summary["checkpoint"]) / "model", final)
             summary["model_dir"] = str(final)
             atomic_write_json(run_dir / "summary.json", summary)
             _print_summary(summary)
         return summary
     finally:
         shutdown(dist_info)
-
-
-def _guard_run_dir(run_dir: Path, tcfg) -> None:
-    """Never clobber a finished run unless asked; a resume continues it."""
-    if tcfg.resume:
-        return
-    if tcfg.overwrite:  # start over: a stale `latest` must not survive into the new run
-        import shutil
-
-        for name in ("checkpoints", "tensorboard", "model"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
-            (run_dir / name).unlink(missing_ok=True)
-        return
-    if (run_dir / "checkpoints").exists() or (run_dir / "summary.json").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass train.resume=auto to continue it or "
-                          f"train.overwrite=true to start over")
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from ..core.errors import ConfigError, DataError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (DistInfo, all_reduce_mean, barrier, full_model_state_dict, full_optimizer_state_dict,
-                          load_full_state, unwrap, wrap_model)
+                          load_full_state, wrap_model)
 from .metrics import MetricsLogger, cached_peak_flops
 from .optim import build_optimizer, build_scheduler
 
