@@ -6,6 +6,8 @@ layout) and, with finetune.merge=true, the merged model as `<out>/model`. Checkp
 """
 from __future__ import annotations
 
+import sys
+
 import random
 import time
 from pathlib import Path
@@ -130,7 +132,7 @@ def run(cfg) -> dict[str, Any]:
                 + f" -> {summary.get('adapter_dir') or summary.get('model_dir')}")
         return summary
     finally:
-        shutdown(dist_info)
+        shutdown(dist_info, success=sys.exc_info()[0] is None)  # in flight here when the run failed
 
 
 def _model_io(model, fcfg, tokenizer, provenance: dict, base: str):

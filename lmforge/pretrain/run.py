@@ -1,6 +1,8 @@
 """Pretraining entry point: wire tokenizer, shards, model and the one Trainer together."""
 from __future__ import annotations
 
+import sys
+
 import json
 import time
 from pathlib import Path
@@ -109,7 +111,7 @@ def run(cfg) -> dict[str, Any]:
             _print_summary(summary)
         return summary
     finally:
-        shutdown(dist_info)
+        shutdown(dist_info, success=sys.exc_info()[0] is None)  # in flight here when the run failed
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -123,6 +123,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, success: bool = True) -> None:
+    """Leave the process group. After a successful run the ranks wait for each other first: a rank tearing
+    gloo down while rank 0 still writes the final model can abort it (SIGABRT at exit). After an error
+    they do not wait, since a failed rank would never arrive."""
     if info.enabled and dist.is_initialized():
+        if success:
+            dist.barrier()
         dist.destroy_process_group()
