@@ -29,6 +29,8 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command("lmforge.pretrain", "pretrain (or continue pretraining) a model on packed shards"),
     "finetune": Command("lmforge.finetune", "supervised fine-tuning: full, freeze, bitfit, LoRA, DoRA, IA3"),
     "generate": Command("lmforge.commands.generate", "sample text from a model (greedy, temperature, top-k, top-p)"),
+    "export": Command("lmforge.commands.export", "merge adapters into the base (--merge-adapter) and save a plain HF model"),
+    "vocab": Command("lmforge.commands.vocab", "expand a model's vocabulary: add tokens, grow embeddings/head from sub-tokens"),
 }
 
 
@@ -54,6 +56,12 @@ def _command_help(name: str, config_cls: type, doc: str | None) -> str:
     return "\n".join(lines)
 
 
+def _underscored(option: str) -> str:
+    """`--merge-adapter` names the key merge_adapter (hyphens only in the name, never in the value)."""
+    name, sep, value = option.partition("=")
+    return name.replace("-", "_") + sep + value
+
+
 def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
     """(config path, dotted overrides, wants help) from `--config F`, `k=v`, `--k v`, `--k=v`, `--help`."""
     config_path, overrides, wants_help = None, [], False
@@ -71,7 +79,7 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
                 config_path = argv[i + 1]
                 i += 1
         elif arg.startswith("--"):
-            key = arg[2:]
+            key = _underscored(arg[2:])
             if "=" in key:
                 overrides.append(key)
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):

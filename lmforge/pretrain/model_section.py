@@ -12,6 +12,8 @@ from ..core.errors import ConfigError
 class ModelSection:
     preset: str = opt("llama-tiny", "size preset (see lmforge.model.PRESETS), used when init_from is empty")
     init_from: str = opt("", "HF checkpoint directory to start from (continued pretraining); overrides the preset")
+    trainable: str = opt("all", "all = every weight trains; embeddings = only the embedding table and LM head (stage one "
+                                "after `lmforge vocab` added tokens)")
     model_type: Optional[str] = opt(None, "override: llama | qwen2 | mistral | mixtral")
     hidden_size: Optional[int] = opt(None, "override: model width")
     intermediate_size: Optional[int] = opt(None, "override: MLP width")
@@ -34,7 +36,7 @@ class ModelSection:
             raise ConfigError(f"model.preset={self.preset!r} is not one of {sorted(PRESETS)}")
         cfg = PRESETS[self.preset]()
         changes = {f.name: getattr(self, f.name) for f in fields(self)
-                   if f.name not in ("preset", "init_from") and getattr(self, f.name) is not None}
+                   if f.name not in ("preset", "init_from", "trainable") and getattr(self, f.name) is not None}
         changes.update(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
         try:
             return replace(cfg, **changes)

@@ -43,7 +43,7 @@ def build_model(section, tokenizer, device: torch.device):
         model = Transformer.from_pretrained(section.init_from)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.init_from={section.init_from} has vocab {model.config.vocab_size} < tokenizer's "
-                              f"{tokenizer.vocab_size}; expand the vocabulary first")
+                              f"{tokenizer.vocab_size}; grow the model with `lmforge vocab` first")
         return model
     cfg = section.build_config(tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     return Transformer(cfg)
@@ -69,11 +69,21 @@ def run(cfg) -> dict[str, Any]:
                                     seed=tcfg.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                                     tokenizer=tokenizer)
         model = build_model(cfg.model, tokenizer, device)
+        if cfg.model.trainable == "embeddings":
+            from ..model.resize import freeze_all_but_embeddings
+
+            freeze_all_but_embeddings(model)
+        elif cfg.model.trainable != "all":
+            raise ConfigError(f"model.trainable={cfg.model.trainable!r} is not one of ['all', 'embeddings']")
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = model.config.flops_per_token(tcfg.seq_len)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / "config.yaml")
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            if trainable != n_params:
+                print(f"trainable: {trainable / 1e6:.2f}M of {n_params / 1e6:.2f}M params (model.trainable="
+                      f"{cfg.model.trainable})")
             print(f"model: {model.config.model_type} {n_params / 1e6:.2f}M params, layers={model.config.num_layers} "
                   f"hidden={model.config.hidden_size} vocab={model.config.vocab_size}")
             print(f"data: {cfg.data} train windows/epoch={train_batches.windows_per_epoch} seq_len={tcfg.seq_len} "
