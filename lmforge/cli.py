@@ -9,7 +9,6 @@ import importlib
 import sys
 import textwrap
 from dataclasses import dataclass
-from typing import Callable
 
 from .config import iter_help, load_config
 from .core.errors import LMForgeError
@@ -29,6 +28,11 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command("lmforge.pretrain", "pretrain (or continue pretraining) a model on packed shards"),
     "finetune": Command("lmforge.finetune", "supervised fine-tuning: full, freeze, bitfit, LoRA, DoRA, IA3"),
     "generate": Command("lmforge.commands.generate", "sample text from a model (greedy, temperature, top-k, top-p)"),
+    "bench": Command("lmforge.commands.bench", "speed benchmarks vs baselines: `bench generate`, `bench serve`"),
+    "chat": Command("lmforge.commands.chat", "chat with a model in the terminal (streaming, history, /reset, /exit)"),
+    "serve": Command("lmforge.commands.serve", "OpenAI-compatible server: completions, chat, tools, embeddings, /metrics"),
+    "eval": Command("lmforge.commands.eval", "evaluate models: perplexity, multiple choice, generative QA, pass@k, reports"),
+    "arena": Command("lmforge.commands.arena", "pairwise battles judged by an LLM or humans; Elo / Bradley–Terry leaderboard"),
     "export": Command("lmforge.commands.export", "merge adapters into the base (--merge-adapter) and save a plain HF model"),
     "vocab": Command("lmforge.commands.vocab", "expand a model's vocabulary: add tokens, grow embeddings/head from sub-tokens"),
 }
@@ -42,6 +46,14 @@ def _usage() -> str:
         "`lmforge <command> --help` lists every config key with its default and meaning.\n"
         "Distributed: torchrun --nproc_per_node N -m lmforge pretrain ... train.parallel=ddp|fsdp"
     )
+
+
+def _subcommand_usage(name: str, subcommands: dict, doc: str | None) -> str:
+    """A command with SUBCOMMANDS (name -> (summary, loader giving (Config, run))) lists them."""
+    rows = "\n".join(f"  {sub:<11} {summary}" for sub, (summary, _load) in subcommands.items())
+    text = textwrap.dedent(doc).strip() + "\n\n" if doc else ""
+    return (f"usage: lmforge {name} <subcommand> [--config FILE.yaml] [key=value ...]\n\n{text}"
+            f"subcommands:\n{rows}\n\n`lmforge {name} <subcommand> --help` lists its config keys.")
 
 
 def _command_help(name: str, config_cls: type, doc: str | None) -> str:
@@ -105,12 +117,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name].module)
-    config_cls: type = module.Config
-    run: Callable = module.run
+    subcommands = getattr(module, "SUBCOMMANDS", None)
+    if subcommands is not None:  # `lmforge <command> <subcommand> ...`
+        if not rest or rest[0] not in subcommands:
+            listing = _subcommand_usage(name, subcommands, module.__doc__)
+            if not rest or rest[0] in ("-h", "--help", "help"):
+                print(listing)
+                return 0
+            print(f"lmforge {name}: unknown subcommand {rest[0]!r}\n\n{listing}", file=sys.stderr)
+            return 2
+        name, (_summary, load) = f"{name} {rest[0]}", subcommands[rest[0]]
+        rest = rest[1:]
+        try:
+            config_cls, run = load()
+        except ImportError as e:
+            print(f"lmforge {name}: unavailable: {e}", file=sys.stderr)
+            return 2
+        doc = importlib.import_module(config_cls.__module__).__doc__
+    else:
+        config_cls, run, doc = module.Config, module.run, module.__doc__
     try:
         config_path, overrides, wants_help = split_args(rest)
         if wants_help:
-            print(_command_help(name, config_cls, module.__doc__))
+            print(_command_help(name, config_cls, doc))
             return 0
         cfg = load_config(config_cls, config_path, overrides)
         run(cfg)

@@ -23,6 +23,21 @@ class Config:
     seed: int = opt(0, "sampling seed")
     device: str = opt("auto", "auto | cpu | cuda")
     dtype: str = opt("auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    draft: str = opt("", "speculative decoding with this draft model directory (same tokenizer; one prompt)")
+    prompt_lookup: int = opt(0, "speculative decoding by prompt lookup with n-grams up to this size (0 = off)")
+    num_speculative_tokens: int = opt(4, "tokens the draft / prompt lookup proposes per target forward")
+    sink_window: int = opt(0, "StreamingLLM attention-sink KV cache of this many slots (0 = off): "
+                              "generation may run past any length")
+    num_sinks: int = opt(4, "with sink_window: the first tokens always kept in the cache")
+
+    def validate(self) -> None:
+        speculative = bool(self.draft) or self.prompt_lookup > 0
+        if speculative and len(self.prompt) > 1:
+            raise ConfigError(f"draft/prompt_lookup decode one sequence; got {len(self.prompt)} prompts")
+        if speculative and self.sink_window:
+            raise ConfigError("sink_window cannot be combined with draft/prompt_lookup")
+        if self.num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
 
 
 def run(cfg: Config) -> list[str]:
@@ -49,12 +64,28 @@ def run(cfg: Config) -> list[str]:
                    for p in cfg.prompt]
     stop = [i for i in {tok.eos_id, tok.token_to_id("<|im_end|>")} if i is not None]
     started = time.perf_counter()
-    outputs = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, eos_token_id=stop, seed=cfg.seed)
+    stats = None
+    if cfg.draft or cfg.prompt_lookup > 0:
+        from ..infer.speculative import speculative_generate
+
+        draft = Transformer.from_pretrained(cfg.draft, device=device, dtype=dtype).eval() if cfg.draft else None
+        started = time.perf_counter()
+        result = speculative_generate(model, prompts[0], cfg.max_new_tokens, draft=draft,
+                                      num_speculative_tokens=cfg.num_speculative_tokens,
+                                      prompt_lookup_ngram=cfg.prompt_lookup, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_token_id=stop)
+        outputs, stats = [result.tokens], result.stats
+    else:
+        outputs = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_token_id=stop, seed=cfg.seed, sink_window=cfg.sink_window,
+                           num_sinks=cfg.num_sinks)
     elapsed = time.perf_counter() - started
     texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
     for prompt, text in zip(cfg.prompt, texts):
         print(f"{prompt}\u2192{text}" if not cfg.chat else f"user: {prompt}\nassistant: {text}")
     new_tokens = sum(len(o) for o in outputs)
     print(f"[{new_tokens} tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s]")
+    if stats is not None:
+        print(f"[speculative: {stats.accepted}/{stats.proposed} proposals accepted ({stats.acceptance_rate:.0%}), "
+              f"{stats.tokens_per_target_forward:.2f} tokens per target forward]")
     return texts

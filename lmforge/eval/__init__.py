@@ -32,3 +32,31 @@ __all__ = [
     "MCQuestion", "MCTask", "load_mc_task", "load_mc_split", "find_split_files", "read_mc_csv", "read_mc_jsonl",
     "read_mc_file", "questions_from_records",
 ]
+
+# The harness: models x tasks -> results.json + reports (lmforge eval).
+from .contamination import check_contamination, ngram_hashes  # noqa: E402
+from .generative import (GenItem, evaluate_generative, extract_choice, read_gen_jsonl,  # noqa: E402
+                         score_predictions)
+from .harness import evaluate, load_model  # noqa: E402
+from .report import write_reports  # noqa: E402
+from .robustness import add_typos, perturb_gen, perturb_mc, summarize_robustness  # noqa: E402
+from .suite import ModelSpec, TaskSpec  # noqa: E402
+
+__all__ += [
+    "evaluate", "load_model", "ModelSpec", "TaskSpec", "write_reports",
+    "GenItem", "read_gen_jsonl", "evaluate_generative", "score_predictions", "extract_choice",
+    "perturb_mc", "perturb_gen", "add_typos", "summarize_robustness", "check_contamination", "ngram_hashes",
+]
+
+# The arena: pairwise battles, LLM judge / human votes, Elo and Bradley–Terry leaderboards. (The lm-eval
+# adapter, lmforge.eval.lm_eval_adapter, is imported on demand: it needs the optional lm-eval package.)
+from .arena import ArenaConfig, ArenaModel, ArenaResult, read_prompts, run_arena, schedule_battles  # noqa: E402
+from .arena_judge import JudgeConfig, LLMJudge, parse_verdict, read_human_votes  # noqa: E402
+from .arena_ratings import (Battle, Leaderboard, bootstrap_ratings, bt_ratings, confidence_intervals,  # noqa: E402
+                            elo_ratings, leaderboard)
+
+__all__ += [
+    "ArenaConfig", "ArenaModel", "ArenaResult", "run_arena", "read_prompts", "schedule_battles",
+    "JudgeConfig", "LLMJudge", "parse_verdict", "read_human_votes",
+    "Battle", "Leaderboard", "elo_ratings", "bt_ratings", "bootstrap_ratings", "confidence_intervals", "leaderboard",
+]

@@ -64,6 +64,9 @@ def run(cfg) -> dict[str, Any]:
 
     tcfg, fcfg = cfg.train, cfg.finetune
     fcfg.validate()
+    if fcfg.is_prompt_learning and cfg.data.packing:
+        raise ConfigError(f"finetune.method={fcfg.method} puts virtual tokens before each sequence, which the "
+                          "conversations of a packed row cannot share; set data.packing=false")
     if not cfg.model.init_from:
         raise ConfigError("model.init_from is required: the HF model directory to fine-tune")
     if not Path(cfg.model.init_from).is_dir():
@@ -88,7 +91,8 @@ def run(cfg) -> dict[str, Any]:
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.init_from={cfg.model.init_from} has vocab {model.config.vocab_size} < its "
                               f"tokenizer's {tokenizer.vocab_size}")
-        prepared = apply_method(model, fcfg, tcfg.lr, tcfg.weight_decay)
+        prepared = apply_method(model, fcfg, tcfg.lr, tcfg.weight_decay,
+                                **({"tokenizer": tokenizer} if fcfg.is_prompt_learning else {}))
         neftune = add_neftune(model, fcfg.neftune_alpha) if fcfg.neftune_alpha > 0 else None
         log = print if dist_info.is_main else (lambda _m: None)
         if dist_info.is_main:
@@ -162,6 +166,10 @@ def _model_io(model, fcfg, tokenizer, provenance: dict, base: str):
 def adapter_into_state_dict(model, directory: Path, name: str = "default") -> dict[str, torch.Tensor]:
     """The model's full state dict with adapter `name`'s tensors replaced by those saved in `directory`
     (what the Trainer loads strictly on resume; the frozen base is the live one, unchanged by training)."""
+    if getattr(model, "prompt_learning_state", None) is not None:  # prefix/prompt/P-tuning: encoder + table
+        from ..peft.prompt_io import training_state_dict
+
+        return training_state_dict(model, directory, name)
     from safetensors.torch import load_file
 
     from ..core.errors import CheckpointError

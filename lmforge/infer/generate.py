@@ -6,9 +6,11 @@ tokens alone or in a batch. Prefill runs the whole prompt once; each decode step
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, SinkKVCache, shift_slots
 from .sampling import sample
 
 
@@ -35,8 +37,20 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     seed: int | None = None,
+    sink_window: int = 0,
+    num_sinks: int = 4,
+    pack_weights: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
-    """New tokens per row (up to and including the first EOS; at most max_new_tokens)."""
+    """New tokens per row (up to and including the first EOS; at most max_new_tokens).
+
+    sink_window > 0 uses a StreamingLLM attention-sink cache of that many slots (`SinkKVCache`): the
+    first `num_sinks` tokens plus the most recent ones, so prompt + output may be any length; below
+    the window the output equals the plain cache's. pack_weights gives the model's linears oneDNN's
+    packed weight layout on CPU (2x faster batch-1 decode; a second copy of those weights, kept on the
+    model for the next call; `lmforge.model.layers.unpack_weights` frees it). on_token, if given, is
+    called with each step's tokens [B] as soon as they are chosen (streaming, timing).
+    """
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.tolist()
     device = model.lm_head.weight.device
@@ -47,31 +61,84 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if pack_weights and device.type == "cpu":
+        _pack(model)
 
     was_training = model.training
     model.eval()
-    kv_cache = KVCache.for_model(model, batch, prompt_len + max_new_tokens)
+    if sink_window > 0:
+        kv_cache = SinkKVCache.for_model(model, batch, sink_window, num_sinks=num_sinks)
+        capacity = sink_window
+    else:  # + the slots a prompt-learning adapter (prefix, prompt, P-tuning) puts before the prompt
+        capacity = int(getattr(model, "num_virtual_tokens", 0)) + prompt_len + max_new_tokens
+        kv_cache = KVCache.for_model(model, batch, capacity)
     padded = not bool(attention_mask.all())
-    full_mask = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
-    full_mask[:, :prompt_len] = attention_mask
+    full_mask = torch.ones((batch, capacity), dtype=torch.long, device=device)
     out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
-    tokens = input_ids
     try:
+        if getattr(model, "num_virtual_tokens", 0):  # their slots first (mask 1), so the prompt lands after them
+            from ..peft.prompt_learning import preload_cache
+
+            preload_cache(model, kv_cache, batch)
+        logits = _prefill(model, kv_cache, input_ids, attention_mask, full_mask, padded, sink_window > 0)
         for step in range(max_new_tokens):
-            mask = full_mask[:, :kv_cache.length + tokens.shape[1]] if padded else None
-            logits = model(tokens, attention_mask=mask, kv_cache=kv_cache)[:, -1]
             next_token = sample(logits, temperature, top_k, top_p, generator)
             out[:, step] = next_token
             steps = step + 1
-            done |= torch.isin(next_token, eos)
-            if bool(done.all()):
-                break
-            tokens = next_token[:, None]
+            if on_token is not None:
+                on_token(next_token)
+            if eos.numel():
+                done |= torch.isin(next_token, eos)
+                if bool(done.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits = _forward(model, kv_cache, next_token[:, None], full_mask, padded, sink_window > 0)
     finally:
         model.train(was_training)
     return [_until_eos(row, eos_token_id) for row in out[:, :steps].tolist()]
+
+
+def _pack(model: torch.nn.Module) -> None:
+    from ..model.layers import pack_weights
+
+    pack_weights(model)
+
+
+def _forward(model: torch.nn.Module, kv_cache: KVCache, tokens: torch.Tensor, full_mask: torch.Tensor,
+             padded: bool, sinks: bool) -> torch.Tensor:
+    """Last-position logits [B, V] for `tokens` [B, T] appended to the cache. With a sink cache, room is
+    made first (the mask's slots move with the cache's) and positions are cache slots."""
+    position_ids = None
+    if sinks:
+        dropped = kv_cache.make_room(tokens.shape[1])
+        if dropped and padded:
+            shift_slots(full_mask, kv_cache.num_sinks, dropped, kv_cache.length + dropped, dim=1)
+            full_mask[:, kv_cache.length:].fill_(1)
+        position_ids = torch.arange(kv_cache.length, kv_cache.length + tokens.shape[1], device=tokens.device)[None]
+    mask = full_mask[:, :kv_cache.length + tokens.shape[1]] if padded else None
+    hidden = model.hidden_states(tokens, attention_mask=mask, kv_cache=kv_cache, position_ids=position_ids)
+    return model.lm_head(hidden[:, -1])
+
+
+def _prefill(model: torch.nn.Module, kv_cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             full_mask: torch.Tensor, padded: bool, sinks: bool) -> torch.Tensor:
+    """Run the prompt through the model; a prompt longer than a sink cache goes in chunks that fit."""
+    prompt_len = input_ids.shape[1]
+    chunk = prompt_len
+    if sinks and prompt_len > kv_cache.max_len:
+        chunk = max(1, (kv_cache.max_len - kv_cache.num_sinks) // 2)
+    logits = None
+    for start in range(0, prompt_len, chunk):
+        end = min(start + chunk, prompt_len)
+        if padded:  # this chunk's mask goes where its tokens will land, after any eviction
+            room = kv_cache.make_room(end - start) if sinks else 0
+            if room:
+                shift_slots(full_mask, kv_cache.num_sinks, room, kv_cache.length + room, dim=1)
+            full_mask[:, kv_cache.length:kv_cache.length + end - start] = attention_mask[:, start:end]
+        logits = _forward(model, kv_cache, input_ids[:, start:end], full_mask, padded, sinks)
+    return logits
 
 
 def _until_eos(row: list[int], eos_token_id: int | list[int] | None) -> list[int]:

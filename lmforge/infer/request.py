@@ -15,6 +15,7 @@ import torch
 
 from ..core.errors import ConfigError
 from .block_manager import BlockHash, hash_block
+from .constrained import validate_constraint
 from .detokenize import IncrementalDetokenizer
 
 
@@ -41,6 +42,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: bool = False                 # return the log-probability of each sampled token
     top_logprobs: int = 0                  # and of the k most likely tokens at each step
+    json_schema: dict | None = None        # constrained decoding: the output is JSON valid under this schema
+    regex: str | None = None               # constrained decoding: the whole output matches this regex
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +73,11 @@ class SamplingParams:
                                   f"(0..{vocab_size - 1})")
         if any(not s for s in self.stop or []):
             raise ConfigError("SamplingParams.stop: stop strings must be non-empty")
+        validate_constraint(self.json_schema, self.regex)
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None
 
     @property
     def is_greedy(self) -> bool:
@@ -112,6 +120,7 @@ class Sequence:
         self.was_admitted = False               # its prompt was looked up in the prefix cache once
         self.detokenizer = detokenizer
         self.generator = generator
+        self.matcher = None                     # grammar matcher of a constrained request (constrained.py)
         self.logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None   # "stop" | "length" | "abort"
@@ -143,7 +152,8 @@ class Sequence:
         hashes = self.block_hashes
         while (len(hashes) + 1) * size <= len(self.token_ids):
             start = len(hashes) * size
-            hashes.append(hash_block(hashes[-1] if hashes else None, self.token_ids[start:start + size]))
+            hashes.append(hash_block(hashes[-1] if hashes else None, self.token_ids[start:start + size],
+                                     self.request.cache_salt))
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -205,13 +215,15 @@ class RequestOutput:
 
 
 class Request:
-    """A prompt, its parameters and its `n` sequences."""
+    """A prompt, its parameters, its adapter and its `n` sequences."""
 
     def __init__(self, request_id: str, prompt_token_ids: SequenceABC[int], params: SamplingParams,
-                 arrival_time: float, arrival_index: int):
+                 arrival_time: float, arrival_index: int, lora: str | None = None, cache_salt: bytes = b""):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        self.lora = lora                    # the LoRA adapter it runs with (None = the base model)
+        self.cache_salt = cache_salt        # separates its prefix-cache blocks from other adapters'
         self.arrival_index = arrival_index  # FCFS order
         self.sequences: list[Sequence] = []
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(self.prompt_token_ids))

@@ -182,12 +182,30 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None],
     return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling], shared_generator: torch.Generator | None = None
-                ) -> SampledRows:
+def _apply_allowed(logits: torch.Tensor, raw: torch.Tensor, allowed: tuple[Sequence[int], torch.Tensor]
+                   ) -> torch.Tensor:
+    """-inf outside each constrained row's allowed tokens (a grammar's mask). Where bans or bias left
+    nothing allowed, the row falls back to the grammar mask over the raw logits: the grammar wins."""
+    row_ids, mask = allowed
+    index = torch.tensor(list(row_ids), dtype=torch.long, device=logits.device)
+    mask = mask.to(logits.device)
+    logits = logits.clone() if logits is raw else logits
+    constrained = logits.index_select(0, index).masked_fill_(~mask, float("-inf"))
+    dead = ~torch.isfinite(constrained).any(dim=-1)
+    if bool(dead.any()):
+        fallback = raw.index_select(0, index).float().masked_fill_(~mask, float("-inf"))
+        constrained = torch.where(dead[:, None], fallback, constrained)
+    return logits.index_copy_(0, index, constrained)
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling], shared_generator: torch.Generator | None = None,
+                allowed: tuple[Sequence[int], torch.Tensor] | None = None) -> SampledRows:
     """Tokens for logits [B, V] under per-row settings (see `RowSampling`).
 
-    Order: penalties → logit bias/bans → (greedy rows: argmax) → temperature → min-p → top-k → top-p →
-    draw. Log-probabilities are of the raw model distribution (before penalties and temperature)."""
+    Order: penalties → logit bias/bans → allowed-token mask (constrained decoding: `allowed` = (row
+    indices, bool mask [len(indices), V]), True = may be sampled) → (greedy rows: argmax) → temperature →
+    min-p → top-k → top-p → draw. Log-probabilities are of the raw model distribution (before penalties,
+    temperature and masks)."""
     raw = logits
     logits = logits.float()
     vocab = logits.shape[-1]
@@ -199,6 +217,8 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling], shared_genera
                                  per_row("frequency_penalty"))
     if any(r.logit_bias or r.banned_token_ids for r in rows):
         logits = _apply_bias_and_bans(logits.clone() if logits is raw else logits, rows)
+    if allowed is not None and len(allowed[0]):
+        logits = _apply_allowed(logits, raw, allowed)
 
     is_greedy = [r.temperature <= 0.0 for r in rows]
     tokens = greedy(logits)

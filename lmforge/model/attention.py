@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Linear
+from .layers import FusedPackMixin, Linear
 from .rope import alibi_slopes, apply_rope
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -153,8 +153,10 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
-class Attention(nn.Module):
+class Attention(FusedPackMixin, nn.Module):
     """Multi-head attention with GQA/MQA (num_kv_heads ≤ num_heads), RoPE or ALiBi, optional KV cache."""
+
+    FUSED = ("q_proj", "k_proj", "v_proj")  # one packed product at inference (layers.pack_weights)
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -175,9 +177,10 @@ class Attention(nn.Module):
         kv_cache=None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.run_fused(x) if self._fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -108,19 +108,23 @@ class Transformer(nn.Module):
             self.model.rotary_emb.reset_parameters(self.lm_head.weight.device)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, kv_cache=None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states [B, T, d].
 
-        input_ids [B, T]; position_ids [B|1, T] (default: from document_ids / attention_mask / cache);
+        input_ids [B, T], or inputs_embeds [B, T, d] instead (e.g. prompt tuning's virtual tokens before the
+        token embeddings); position_ids [B|1, T] (default: from document_ids / attention_mask / cache);
         document_ids [B, T] ints for packed rows (block-diagonal causal mask, positions restart per
         document); attention_mask [B, S] 1 = real, 0 = padding, S = cached + new slots; kv_cache: an
         object with the KVCache interface, extended in place.
         """
-        num_new = input_ids.shape[1]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        num_new = x.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
-        x = self.model.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = default_positions(num_new, past, attention_mask, document_ids, x.device)
         rope = self.model.rotary_emb(position_ids, x.dtype) if self.model.rotary_emb is not None else None
@@ -149,12 +153,13 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, kv_cache=None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] (see `hidden_states` for the arguments)."""
         hidden = self.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids,
-                                    attention_mask=attention_mask, kv_cache=kv_cache)
+                                    attention_mask=attention_mask, kv_cache=kv_cache, inputs_embeds=inputs_embeds)
         return self.lm_head(hidden)
 
     @classmethod

@@ -24,6 +24,8 @@ _IA3_DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "qwen2": ["q
 _IA3_DEFAULT_FEEDFORWARD = {"llama": ["down_proj"], "qwen2": ["down_proj"], "mistral": ["down_proj"],
                             "mixtral": ["w2"]}
 
+_BOTTLENECK_PLACEMENTS = {"pfeiffer": ["down_proj"], "houlsby": ["o_proj", "down_proj"]}
+
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -32,9 +34,9 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 class AdapterConfig:
     """One adapter's hyper-parameters (section `adapter.` of the finetune config)."""
 
-    method: Literal["lora", "dora", "ia3"] = opt(
+    method: Literal["lora", "dora", "ia3", "bottleneck"] = opt(
         "lora", "lora = low-rank update B·A; dora = LoRA plus a learned per-output magnitude (weight-decomposed); "
-                "ia3 = learned per-channel scaling vectors")
+                "ia3 = learned per-channel scaling vectors; bottleneck = Houlsby/Pfeiffer residual MLP adapters")
     r: int = opt(8, "LoRA/DoRA rank (peft's default 8)")
     alpha: float = opt(8, "LoRA/DoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)")
     dropout: float = opt(0.0, "dropout on the LoRA/DoRA branch's input during training")
@@ -56,6 +58,13 @@ class AdapterConfig:
             "model type (down_proj)")
     loraplus_lr_ratio: float = opt(
         0.0, "LoRA+: B matrices (and DoRA magnitudes) train at lr × this ratio (0 = off; the paper uses ~16)")
+    bottleneck_size: int = opt(0, "bottleneck: units in the adapter's bottleneck (0 = hidden / reduction_factor)")
+    reduction_factor: float = opt(16, "bottleneck: hidden size / bottleneck size when bottleneck_size is 0")
+    placement: Literal["pfeiffer", "houlsby"] = opt(
+        "pfeiffer", "bottleneck: pfeiffer = after each MLP output (down_proj); houlsby = after the attention "
+                    "output (o_proj) and the MLP output; used when target_modules is empty")
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = opt("relu", "bottleneck: the activation between "
+                                                                        "the down- and up-projection")
 
     def __post_init__(self) -> None:
         self.target_modules = _names_or_regex(self.target_modules)
@@ -68,8 +77,10 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the field at fault."""
-        if self.method not in ("lora", "dora", "ia3"):
-            raise ConfigError(f"adapter.method={self.method!r} is not one of ['lora', 'dora', 'ia3']")
+        if self.method not in ("lora", "dora", "ia3", "bottleneck"):
+            raise ConfigError(f"adapter.method={self.method!r} is not one of ['lora', 'dora', 'ia3', 'bottleneck']")
+        if self.method == "bottleneck":
+            self._validate_bottleneck()
         if self.method != "ia3":
             if self.r < 1:
                 raise ConfigError(f"adapter.r={self.r} must be >= 1")
@@ -95,6 +106,17 @@ class AdapterConfig:
                 raise ConfigError(f"adapter.feedforward_modules {stray} are not in adapter.target_modules "
                                   f"{self.target_modules}")
 
+    def _validate_bottleneck(self) -> None:
+        if self.bottleneck_size < 0:
+            raise ConfigError(f"adapter.bottleneck_size={self.bottleneck_size} must be >= 0 (0 = use reduction_factor)")
+        if self.reduction_factor <= 0:
+            raise ConfigError(f"adapter.reduction_factor={self.reduction_factor} must be > 0")
+        if self.placement not in _BOTTLENECK_PLACEMENTS:
+            raise ConfigError(f"adapter.placement={self.placement!r} is not one of {sorted(_BOTTLENECK_PLACEMENTS)}")
+        if self.nonlinearity not in ("relu", "gelu", "silu", "tanh"):
+            raise ConfigError(f"adapter.nonlinearity={self.nonlinearity!r} is not one of "
+                              "['relu', 'gelu', 'silu', 'tanh']")
+
     @property
     def scaling(self) -> float:
         """The factor on B·A: alpha/r, or alpha/sqrt(r) for rsLoRA (which keeps updates stable at high rank)."""
@@ -104,6 +126,8 @@ class AdapterConfig:
         """target_modules, or peft's default for `model_type` when empty (ConfigError when there is none)."""
         if self.target_modules:
             return self.target_modules
+        if self.method == "bottleneck":
+            return list(_BOTTLENECK_PLACEMENTS[self.placement])
         table = _IA3_DEFAULT_TARGETS if self.method == "ia3" else _LORA_DEFAULT_TARGETS
         if model_type not in table:
             raise ConfigError(f"adapter.target_modules is empty and there is no default for model type "

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..model.nf4 import Linear4bit
 from .base import AdapterLayer
+from .bottleneck import BottleneckLayer
 from .config import ALL_LINEAR, AdapterConfig, check_adapter_name
 from .ia3 import IA3Linear
 from .lora import LoraLinear
@@ -67,6 +69,7 @@ class ModulesToSave(AdapterLayer):
 
 
 WEIGHT_LAYERS = (LoraLinear, IA3Linear)  # adapter layers whose adapter can be folded into the base weight
+LAYER_KINDS = {"lora": LoraLinear, "dora": LoraLinear, "ia3": IA3Linear, "bottleneck": BottleneckLayer}
 
 
 # ----- matching -------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
             continue  # peft never puts an adapter on a module it trains in full
         if cfg.exclude_modules and matches(name, cfg.exclude_modules):
             continue
-        linear = isinstance(module, (nn.Linear, *WEIGHT_LAYERS))
+        linear = isinstance(module, (nn.Linear, Linear4bit, *WEIGHT_LAYERS, BottleneckLayer))
         if targets == ALL_LINEAR:
             hit = linear and module is not head and not (isinstance(module, AdapterLayer) and module.base_layer is head)
         else:
@@ -200,13 +203,17 @@ def add_adapter(model: nn.Module, cfg: AdapterConfig, name: str = "default", *, 
         raise ConfigError(f"the model already holds an adapter named {name!r}")
     if _merged(model):
         raise ConfigError(f"adapter {_merged(model)!r} is merged into the base weights; unmerge it before adding one")
-    kind = IA3Linear if cfg.method == "ia3" else LoraLinear
-    clash = next((n for n, layer in adapter_layers(model) if isinstance(layer, WEIGHT_LAYERS)
+    kind = LAYER_KINDS.get(cfg.method, LoraLinear)
+    clash = next((n for n, layer in adapter_layers(model) if isinstance(layer, tuple(LAYER_KINDS.values()))
                   and not isinstance(layer, kind)), None)
     if clash is not None:
         raise ConfigError(f"{clash} already holds {type(model.get_submodule(clash)).__name__} adapters; "
-                          f"one model holds either LoRA/DoRA or IA3 adapters, not both")
+                          f"one model holds one kind of adapter (LoRA/DoRA, IA3 or bottleneck), not several")
     targets = find_targets(model, cfg)  # raises before anything changes
+    quantised = [t for t in targets if isinstance(model.get_submodule(t), Linear4bit)]
+    if quantised and cfg.method == "ia3":
+        raise ConfigError(f"adapter.method=ia3 cannot wrap the 4-bit layer {quantised[0]} (IA3 folds into the "
+                          "weight); use lora or dora on a quantised base (QLoRA)")
     saved = find_modules_to_save(model, cfg)
 
     if state is None:

@@ -22,6 +22,8 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io import atomic_write_bytes, atomic_write_json
+from . import bottleneck
+from .bottleneck import BottleneckLayer
 from .config import ALL_LINEAR, AdapterConfig
 from .ia3 import IA3Linear
 from .inject import (WEIGHT_LAYERS, ModulesToSave, adapter_layers, add_adapter, delete_adapter, peft_state,
@@ -57,6 +59,10 @@ def _names(value: list[str] | str) -> list[str] | str:
 def to_peft_config(model: nn.Module, name: str, base_model_name_or_path: str | None = None) -> dict:
     """adapter_config.json for adapter `name`: the fields peft 0.21 writes that define the adapter."""
     cfg = peft_state(model).configs[name]
+    if cfg.method == "bottleneck":  # lmforge's own type: peft has no bottleneck adapters
+        held = [(n, layer) for n, layer in adapter_layers(model)
+                if isinstance(layer, BottleneckLayer) and name in layer.adapter_names()]
+        return bottleneck.to_config_json(cfg, held, name, base_model_name_or_path)
     layers = [(n, layer) for n, layer in adapter_layers(model)
               if isinstance(layer, WEIGHT_LAYERS) and name in layer.adapter_names()]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -91,6 +97,8 @@ def _refuse(path: Path, key: str, value, why: str) -> CheckpointError:
 def from_peft_config(raw: dict, path: Path) -> AdapterConfig:
     """An AdapterConfig from a peft adapter_config.json mapping; CheckpointError naming the key at fault."""
     peft_type = raw.get("peft_type")
+    if peft_type == bottleneck.PEFT_TYPE:
+        return bottleneck.from_config_json(raw, path)
     if peft_type not in ("LORA", "IA3"):
         raise _refuse(path, "peft_type", peft_type, "lmforge loads LORA and IA3 adapters")
     if raw.get("task_type") not in (None, "CAUSAL_LM"):
@@ -138,6 +146,11 @@ def adapter_parameter_map(model: nn.Module, name: str) -> dict[str, torch.Tensor
                 out[f"{module_name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
         elif isinstance(layer, IA3Linear):
             out[f"{module_name}.ia3_l"] = layer.ia3_l[name]
+        elif isinstance(layer, BottleneckLayer):
+            for part in ("adapter_down", "adapter_up"):
+                linear = getattr(layer, part)[name]
+                out[f"{module_name}.{part}.weight"] = linear.weight
+                out[f"{module_name}.{part}.bias"] = linear.bias
         elif isinstance(layer, ModulesToSave):
             for key, tensor in layer.modules_to_save[name].state_dict(keep_vars=True).items():
                 out[f"{module_name}.{key}"] = tensor
@@ -193,6 +206,10 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter `name` as a PEFT-layout directory (atomic writes); returns the directory."""
     path = Path(path)
+    if getattr(model, "prompt_learning_state", None) is not None:  # prefix / prompt / P-tuning: prompt_io.py
+        from .prompt_io import save_prompt_adapter
+
+        return save_prompt_adapter(model, path, name, base_model_name_or_path=base_model_name_or_path)
     tensors = adapter_state_dict(model, name)
     atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write_json(path / CONFIG_NAME, to_peft_config(model, name, base_model_name_or_path))
@@ -200,7 +217,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default", *,
 
 
 def read_adapter_config(path: str | Path) -> AdapterConfig:
-    """The AdapterConfig of a PEFT-layout directory (ours or peft's)."""
+    """The AdapterConfig of a PEFT-layout directory (ours or peft's); a PromptLearningConfig for
+    PREFIX_TUNING / PROMPT_TUNING / P_TUNING adapters."""
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: not found (a PEFT adapter directory holds {CONFIG_NAME} "
@@ -211,6 +229,10 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
+    if raw.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+        from .prompt_io import from_peft_config as prompt_learning_config
+
+        return prompt_learning_config(raw, config_path)  # a PromptLearningConfig
     return from_peft_config(raw, config_path)
 
 
@@ -233,6 +255,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, a
     if state is not None and name in state.configs:
         raise ConfigError(f"the model already holds an adapter named {name!r}")
     cfg = read_adapter_config(path)
+    if not isinstance(cfg, AdapterConfig):  # prefix / prompt / P-tuning: virtual tokens, not layers
+        from .prompt_io import load_prompt_adapter
+
+        return load_prompt_adapter(model, path, name, activate=activate)
     loaded = _read_weights(weights_path)
     try:
         add_adapter(model, cfg, name)

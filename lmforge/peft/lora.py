@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model.layers import linear
+from ..model.nf4 import Linear4bit
 from .base import AdapterLayer, adapter_dtype
 from .config import AdapterConfig
 
@@ -32,9 +33,12 @@ class DoraMagnitude(nn.Module):
 
 
 class LoraLinear(AdapterLayer):
-    """A frozen linear layer (`base_layer`) plus named LoRA / rsLoRA / DoRA adapters."""
+    """A frozen linear layer (`base_layer`) plus named LoRA / rsLoRA / DoRA adapters.
 
-    def __init__(self, base_layer: nn.Linear):
+    The base is an nn.Linear or an NF4 `Linear4bit` (QLoRA): it is only ever called as `base_layer(x)`,
+    and where the math needs its weight (DoRA's norm, merging) `base_weight()` gives it, dequantised."""
+
+    def __init__(self, base_layer: nn.Linear | Linear4bit):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -48,8 +52,13 @@ class LoraLinear(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight [out, in]: the parameter itself, or a dequantised copy of a 4-bit store."""
+        base = self.base_layer
+        return base.dequantize() if isinstance(base, Linear4bit) else base.weight
+
     def add_adapter(self, name: str, cfg: AdapterConfig, **kwargs) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         factory = dict(device=weight.device, dtype=adapter_dtype(weight))
         self.lora_A[name] = nn.Linear(self.in_features, cfg.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(cfg.r, self.out_features, bias=False, **factory)
@@ -89,17 +98,27 @@ class LoraLinear(AdapterLayer):
         """‖W + s·B·A‖ per output row [out], detached (DoRA's constant denominator)."""
         with torch.no_grad():
             delta = self.delta_weight(name)
-            return torch.linalg.norm(self.base_layer.weight.to(delta.dtype) + delta, dim=1)
+            return torch.linalg.norm(self.base_weight().to(delta.dtype) + delta, dim=1)
 
     def adapter_forward(self, x: torch.Tensor, name: str, base_out: torch.Tensor | None) -> torch.Tensor:
         if base_out is None:
             base_out = self.base_layer(x)
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = x.to(lora_A.weight.dtype)
-        scaling = self.scaling[name]
-        if not self.is_dora(name):
-            return base_out + (lora_B(lora_A(dropout(x))) * scaling).to(base_out.dtype)
-        return base_out + self._dora_extra(x, name, base_out).to(base_out.dtype)
+        if self.is_dora(name):
+            return base_out + self._dora_extra(x.to(lora_A.weight.dtype), name, base_out).to(base_out.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmul picks the dtype; casting a bf16 input (RMSNorm emits bf16 there) up
+            # to the fp32 adapter dtype would only copy x, and autocast would copy it back down.
+            x = x.to(lora_A.weight.dtype)
+        # x·Aᵀ through `linear` (oneDNN for fp32 CPU: ~2x MKL on this skinny product); dropout(p=0) is Identity.
+        h = linear(dropout(x), lora_A.weight)
+        if h.dtype != base_out.dtype:  # e.g. fp32 adapter on a bf16 base: compute in fp32, then cast (as peft)
+            return base_out + (lora_B(h) * self.scaling[name]).to(base_out.dtype)
+        # base + s·h·Bᵀ in one addmm: no [tokens, out] temporaries for the scaling and the sum, in forward
+        # or backward (the scale lands on the small [tokens, r] side).
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.weight.t(),
+                          alpha=self.scaling[name])
+        return out.view(base_out.shape)
 
     def _dora_extra(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to base(x): (m/‖W+ΔW‖ − 1)·W·x + (m/‖W+ΔW‖)·s·B·A·x.
@@ -112,7 +131,7 @@ class LoraLinear(AdapterLayer):
         if self.training and not isinstance(dropout, nn.Identity):
             # W·x must see the same dropped-out input as the LoRA branch, so it cannot reuse base_out.
             x = dropout(x)
-            weight = self.base_layer.weight.to(x.dtype)
+            weight = self.base_weight().to(x.dtype)
             base_no_bias = linear(x, weight)
         else:
             base_no_bias = base_out.to(x.dtype) if bias is None else (base_out - bias).to(x.dtype)
@@ -121,7 +140,7 @@ class LoraLinear(AdapterLayer):
 
     def merged_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of one linear layer equal to this layer with adapter `name` applied (eval mode)."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         delta = self.delta_weight(name).detach()
         merged = weight.to(delta.dtype) + delta
         if self.is_dora(name):

@@ -10,6 +10,12 @@
 - `merge_and_unload(model)`: merge the active adapter and remove every wrapper: a plain model (a
   `Transformer` stays a `Transformer`), ready for `save_pretrained`. `unload` removes without merging.
 
+QLoRA: a LoRA layer whose base is a 4-bit `Linear4bit` is merged into the *dequantised* base: the layer's
+base becomes a full-precision `Linear` holding dequant(W) + ΔW (re-quantising would round the update away),
+and `merge_and_unload` dequantises every other 4-bit layer too, so the result is a plain full-precision
+model. Unmerging such a layer restores the dequantised weight, not the 4-bit store. Bottleneck adapters
+have a nonlinearity between their two projections and cannot be merged (ConfigError).
+
 One adapter is merged at a time: merging a second on top would make the first impossible to remove
 exactly, and DoRA's norm is defined on the unmerged weight.
 """
@@ -20,6 +26,7 @@ from collections import Counter
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..model.nf4 import Linear4bit, dequantize_model
 from .inject import (WEIGHT_LAYERS, ModulesToSave, adapter_layers, peft_state, replace_module, restore_base,
                      set_adapter)
 from .lora import LoraLinear
@@ -34,7 +41,9 @@ def _check_not_tied(model: nn.Module, layer_name: str, layer: nn.Module) -> None
 
 
 def _fold(model: nn.Module, layer_name: str, layer, name: str, keep_original: bool) -> None:
-    """Write adapter `name`'s merged weights into `layer.base_layer`."""
+    """Write adapter `name`'s merged weights into `layer.base_layer` (a 4-bit base becomes its dequantised Linear)."""
+    if isinstance(layer.base_layer, Linear4bit):
+        layer.base_layer = layer.base_layer.to_linear()
     _check_not_tied(model, layer_name, layer)
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     if isinstance(layer, LoraLinear) and layer.is_dora(name) and not keep_original:
@@ -53,6 +62,9 @@ def merge_adapter(model: nn.Module, name: str | None = None, *, keep_original: b
     name = name or state.active
     if name is None:
         raise ConfigError("no adapter is active; name the adapter to merge")
+    if name in state.configs and state.configs[name].method == "bottleneck":
+        raise ConfigError(f"adapter {name!r} is a bottleneck adapter: its nonlinearity cannot be folded into a "
+                          "weight, so it cannot be merged; keep it as an adapter (load_adapter)")
     merged = {layer.merged_adapter for _, layer in adapter_layers(model)} - {None}
     if merged == {name}:
         return
@@ -106,8 +118,9 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """The active adapter folded in and every adapter wrapper removed: a plain model for save_pretrained."""
-    return _unwrap(model, merge=True)
+    """The active adapter folded in and every adapter wrapper removed: a plain model for save_pretrained
+    (4-bit layers, adapted or not, come back dequantised)."""
+    return dequantize_model(_unwrap(model, merge=True))
 
 
 def unload(model: nn.Module) -> nn.Module:

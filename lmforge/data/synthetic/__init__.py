@@ -12,8 +12,8 @@ stage needs, deterministically from a seed, with known answers to measure each s
 from .corpus import (CorpusConfig, Doc, SOURCES, generate_corpus, iter_documents, render_document, write_corpus,
                      write_corpus_from_config)
 from .noise import NoiseConfig, NoiseReport, has_unicode_dirt, inject_noise
-from .splits import (TOOL_SPECS, FactSplit, mc_questions, preference_pairs, rag_documents, rag_questions,
-                     sft_examples, split_facts, tool_tasks, write_tasks)
+from .splits import (TOOL_SPECS, FactSplit, mc_questions, preference_pairs, qa_questions, rag_documents,
+                     rag_questions, sft_examples, split_facts, tool_tasks, write_tasks)
 from .world import REFERENCE_YEAR, Entity, Fact, World, WorldConfig, make_world, make_world_from_config
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "generate_corpus", "iter_documents", "render_document", "write_corpus", "write_corpus_from_config",
     "CorpusConfig", "Doc", "SOURCES",
     "inject_noise", "NoiseConfig", "NoiseReport", "has_unicode_dirt",
-    "split_facts", "FactSplit", "sft_examples", "mc_questions", "preference_pairs", "rag_documents",
+    "split_facts", "FactSplit", "sft_examples", "mc_questions", "qa_questions", "preference_pairs", "rag_documents",
     "rag_questions", "tool_tasks", "write_tasks", "TOOL_SPECS",
 ]

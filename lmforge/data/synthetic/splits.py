@@ -148,6 +148,20 @@ def mc_questions(world: World, facts: Sequence[Fact], lang: str = "en", seed: in
     return out
 
 
+def qa_questions(world: World, facts: Sequence[Fact], lang: str = "en", seed: int = 0) -> list[dict]:
+    """Generative QA {"messages": [user question], "answer", "references", "lang", "subject"}: one per fact;
+    `references` lists every right answer as text (a symmetric relation such as friend_of has several)."""
+    rng = random.Random(f"lmforge-qa:{seed}:{lang}")
+    out = []
+    for f in facts:
+        refs = sorted({world.value_text(v, f.object_type, lang) for v in world.valid_objects(f.subject, f.relation)}
+                      - {f.object_text(lang)})
+        out.append({"messages": [{"role": "user", "content": T.render_question(f, lang, rng)}],
+                    "answer": f.object_text(lang), "references": [f.object_text(lang)] + refs, "lang": lang,
+                    "subject": f"{f.kind}_{f.relation}"})
+    return out
+
+
 def preference_pairs(world: World, facts: Sequence[Fact], seed: int = 0, langs: Sequence[str] = ("en", "zh")) -> list[dict]:
     """{"prompt", "chosen", "rejected"}: the same sentence with the true object and with a wrong one,
     so the only thing the pair teaches is the fact."""
@@ -264,6 +278,7 @@ def write_tasks(out_dir: str | Path, seed: int = 0, world: World | None = None, 
         sets[f"tools_{part}"] = tool_tasks(world, facts, seed)
         for lang in ("en", "zh"):
             sets[f"mc_{lang}_{part}"] = mc_questions(world, facts, lang, seed)
+            sets[f"qa_{lang}_{part}"] = qa_questions(world, facts, lang, seed)
     sets["rag_documents"] = rag_documents(world)
     sets["rag_questions"] = rag_questions(world)
     for name, records in sets.items():
