@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from ..data.synthetic import CorpusConfig, write_corpus_from_config, write_tasks
+from ..data.synthetic import CorpusConfig, make_world_from_config, write_corpus_from_config, write_tasks
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Config:
 def run(cfg: Config) -> dict:
     manifest = write_corpus_from_config(cfg.out_dir, cfg.corpus, overwrite=cfg.overwrite)
     if cfg.tasks:
-        write_tasks(Path(cfg.out_dir) / "tasks", seed=cfg.corpus.seed)
+        world = make_world_from_config(cfg.corpus.seed, cfg.corpus.world)  # the world the corpus describes
+        write_tasks(Path(cfg.out_dir) / "tasks", seed=cfg.corpus.seed, world=world, overwrite=cfg.overwrite)
     splits = manifest["splits"]
     print(f"corpus: {manifest['world']['facts']} facts; train {splits['train']['docs']:,} docs "
           f"({splits['train']['chars']:,} chars incl. injected dirt), validation {splits['validation']['docs']:,} docs "
