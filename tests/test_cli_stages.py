@@ -48,9 +48,15 @@ def test_generate_command_samples(tiny_data, tmp_path, capsys):
 @pytest.mark.slow
 def test_quickstart_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", f"out_dir={out}", "pretrain_steps=4", "recall_facts=10", "progress=false"]) == 0
+    assert main(["quickstart", f"out_dir={out}", "pretrain_steps=4", "recall_facts=10", "progress=false",
+                 "sft_steps=2", "eval_limit=4"]) == 0
     report = (out / "report.md").read_text()
-    for needle in ("validation perplexity", "fact recall", "exact duplicates", "tokens/s", "MFU"):
+    for needle in ("validation perplexity", "fact recall", "exact duplicates", "tokens/s", "MFU",
+                   "## 7. Fine-tuning", "| full |", "| lora |", "## 8. Evaluation", "| full-sft |", "## 9. Serving",
+                   "time to first token"):
         assert needle in report
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "full-sft", "lora-sft"}
+    assert (out / "eval" / "report.html").is_file() and (out / "sft_lora" / "adapter").is_dir()
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert main(["quickstart", f"out_dir={out}"]) == 2  # never clobbers a previous run unasked

@@ -1,6 +1,6 @@
 """Chat with a model in the terminal: replies stream as they are generated, the conversation is kept.
 
-    lmforge chat --model runs/quickstart/sft/model --system "You are concise."
+    lmforge chat --model runs/quickstart/sft_full/model --system "You are concise."
 
 Type a message and press Enter. `/reset` forgets the conversation, `/exit` (or Ctrl-D) quits; Ctrl-C stops
 the reply being written. When the conversation outgrows the model's context, the oldest turns are dropped.

@@ -1,6 +1,6 @@
 r"""Export a model directory: fold adapters into the base (`--merge-adapter`) and/or change its dtype.
 
-    lmforge export --model runs/quickstart/pretrain/model --adapter runs/quickstart/sft/adapter --merge-adapter \
+    lmforge export --model runs/quickstart/pretrain/model --adapter runs/quickstart/sft_lora/adapter --merge-adapter \
         --out runs/quickstart/merged
 
 The result is a plain Hugging Face directory (config.json + safetensors + tokenizer) that transformers and

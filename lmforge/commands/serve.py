@@ -1,7 +1,7 @@
 """Serve a model over the OpenAI API (completions, chat completions with tools and streaming, embeddings,
 /metrics for Prometheus) from the continuous-batching engine.
 
-    lmforge serve --model runs/quickstart/sft/model --port 8000
+    lmforge serve --model runs/quickstart/sft_full/model --port 8000
     lmforge serve --model DIR --lora math=runs/lora-math/adapter,code=runs/lora-code/adapter
     LMFORGE_API_KEY=secret lmforge serve --model DIR        # the key from the environment, not argv
 

@@ -6,7 +6,7 @@ the base, a quantized copy — and the tasks with their data, shots and metrics;
 ```yaml
 models:
   - {name: base, path: runs/quickstart/pretrain/model}
-  - {name: lora, path: runs/quickstart/pretrain/model, adapter: runs/quickstart/sft/adapter, chat: true}
+  - {name: lora, path: runs/quickstart/pretrain/model, adapter: runs/quickstart/sft_lora/adapter, chat: true}
 tasks:
   - {name: mc_en, type: mc, path: [tasks/mc_en_test.jsonl], dev_path: tasks/mc_en_train.jsonl, shots: 3}
   - {name: qa_zh, type: gen, path: [tasks/qa_zh_test.jsonl], metrics: [em, f1], perturbations: [typo]}

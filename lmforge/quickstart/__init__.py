@@ -1,6 +1,6 @@
 """The whole chain on the embedded corpus, in minutes on a laptop CPU, with a report of every stage's numbers.
 
-    lmforge quickstart                       # writes runs/quickstart/report.md (+ loss_curve.png)
+    lmforge quickstart                       # writes runs/quickstart/report.md (+ loss_curve.png, eval/report.html)
     lmforge quickstart pretrain_steps=100    # shorter
     lmforge quickstart overwrite=true        # replace a previous quickstart
 
@@ -21,6 +21,9 @@ class Config:
     overwrite: bool = opt(False, "replace a previous quickstart in out_dir")
     pretrain_steps: int = opt(0, "optimizer steps for pretraining (0 = the recipe's)")
     recall_facts: int = opt(100, "facts sampled for the fact-recall measurement (each in English and Chinese)")
+    sft_steps: int = opt(0, "optimizer steps for each fine-tuning run, full SFT and LoRA (0 = the recipe's)")
+    eval_limit: int = opt(0, "evaluate at most this many items per task (0 = the suite's limits)")
+    serve: bool = opt(True, "end by starting `lmforge serve` and sending it a chat request")
     device: str = opt("auto", "auto | cpu | cuda")
     progress: bool = opt(True, "progress bars")
 

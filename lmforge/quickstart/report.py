@@ -113,14 +113,80 @@ def write_report(results: dict[str, Any], tokenizer) -> Path:
         *(f"- **{p}**{c}" for p, c in results["samples"]), "",
         f"Generation speed: {results['generation_tokens_per_second']:.0f} tokens/s (batch of "
         f"{len(results['samples'])}, fp32).", "",
+        *_finetune_section(results), *_eval_section(results), *_serve_section(results),
         "## Rerun any stage by hand", "",
         "```", "lmforge corpus --config recipes/quickstart/corpus.yaml",
         "lmforge tokenizer --config recipes/quickstart/tokenizer.yaml",
         "lmforge data --config recipes/quickstart/data.yaml",
         "lmforge pretrain --config recipes/quickstart/pretrain.yaml",
         f"lmforge generate --model {pre['model_dir']} --prompt \"{results['samples'][0][0]}\" --temperature 0.8",
+        "lmforge finetune --config recipes/quickstart/sft.yaml finetune.method=full train.lr=1e-3 "
+        "train.out_dir=runs/quickstart/sft_full",
+        "lmforge finetune --config recipes/quickstart/sft.yaml                    # LoRA",
+        "lmforge eval --config recipes/suites/quickstart.yaml",
+        "lmforge serve --model runs/quickstart/sft_full/model",
         "```", "",
     ]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _finetune_section(results: dict[str, Any]) -> list[str]:
+    sft = results.get("sft") or {}
+    if not sft:
+        return []
+    rows = []
+    for name, s in sft.items():
+        before = s.get("initial_val", {}).get("val_loss", float("nan"))
+        rows.append(f"| {name} | {s['trainable_params']:,} ({s['trainable_share']:.2%}) | {s['steps']} | "
+                    f"{before:.3f} → {s.get('val_loss', float('nan')):.3f} | {s['tokens_per_second']:,.0f} | "
+                    f"{s['peak_memory_mb']:,.0f} MB | {s['wall_seconds']:.0f} s |")
+    return ["## 7. Fine-tuning (SFT on the world's Q&A about training-split facts)", "",
+            "Both runs start from the pretrained model and train on conversations about the *training* facts "
+            "only (chat template, loss on the assistant's tokens); the held-out facts were seen in pretraining "
+            "text but never as questions.", "",
+            "| method | trainable params | steps | held-out val loss | tokens/s | peak memory | wall |",
+            "|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def _metric(task: dict[str, Any] | None, key: str) -> str:
+    if not task or key not in task["metrics"]:
+        return "–"
+    value = task["metrics"][key]
+    return f"{value:.1%}" if key != "ppl" else f"{value:.2f}"
+
+
+def _eval_section(results: dict[str, Any]) -> list[str]:
+    evaluation = results.get("eval")
+    if not evaluation:
+        return []
+    rows = []
+    for name, entry in evaluation["models"].items():
+        tasks = entry["tasks"]
+        rows.append(f"| {name} | {_metric(tasks.get('qa_en'), 'contains')} | {_metric(tasks.get('qa_zh'), 'contains')} "
+                    f"| {_metric(tasks.get('qa_en'), 'em')} | {_metric(tasks.get('mc_en'), 'acc')} | "
+                    f"{_metric(tasks.get('mc_zh'), 'acc')} | {_metric(tasks.get('ppl_val'), 'ppl')} |")
+    return ["## 8. Evaluation: base vs full SFT vs LoRA on held-out facts", "",
+            "QA: the model answers a question about a held-out fact (greedy, through the inference engine); "
+            "*answer found* = the expected object appears in the reply, *exact* = the reply is exactly the "
+            "reference (the SFT answers are whole sentences, so exact match stays low by design). MC: four "
+            "options, 2-shot, by log-likelihood (chance 25%).", "",
+            "| model | QA en, answer found | QA zh, answer found | QA en, exact | MC en | MC zh | val PPL |",
+            "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "Full tables (per subject, robustness under typos and shuffled options, cost, contamination): "
+            "[eval/report.md](eval/report.md), [eval/report.html](eval/report.html).", ""]
+
+
+def _serve_section(results: dict[str, Any]) -> list[str]:
+    served = results.get("serve")
+    if not served:
+        return []
+    ttft = served["ttft_seconds"]
+    return ["## 9. Serving", "",
+            "`lmforge serve` started as a subprocess on the full-SFT model; one streamed chat request through "
+            "the official `openai` client; then Ctrl-C (the server drains and exits).", "",
+            f"- **user:** {served['question']}", f"- **assistant:** {served['reply']}", "",
+            f"Server ready in {served['startup_seconds']:.1f} s; time to first token "
+            f"{'–' if ttft is None else f'{ttft * 1000:.0f} ms'}; {served['completion_tokens']} tokens at {served['tokens_per_second']:.0f} "
+            f"tokens/s; `/metrics` exposed {served['metrics_lines']} lmforge sample lines.", ""]

@@ -35,6 +35,7 @@ def run(cfg) -> dict[str, Any]:
     from ..pretrain import run as pretrain
     from .recall import cloze_prompts, fact_recall
     from .report import write_report
+    from .stages import eval_stage, finetune_stage, serve_stage
 
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()):
@@ -50,22 +51,22 @@ def run(cfg) -> dict[str, Any]:
         print(f"\n=== {name} ===", flush=True)
         return time.perf_counter()
 
-    t = stage("1/5 corpus: generate the embedded bilingual world")
+    t = stage("1/8 corpus: generate the embedded bilingual world")
     corpus_cfg = recipe("corpus", cfg.out_dir, corpus_cmd.Config)
     manifest = corpus_cmd.run(corpus_cfg)
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("2/5 tokenizer: train byte-level BPE")
+    t = stage("2/8 tokenizer: train byte-level BPE")
     tok_cfg = recipe("tokenizer", cfg.out_dir, tokenizer_cmd.Config)
     tokenizer = tokenizer_cmd.run(tok_cfg)
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = stage("3/5 data: clean, dedup, mix, tokenize, pack")
+    t = stage("3/8 data: clean, dedup, mix, tokenize, pack")
     data_cfg = recipe("data", cfg.out_dir, DataConfig)
     data_report = run_data_pipeline(data_cfg, tokenizer)
     timings["data"] = time.perf_counter() - t
 
-    t = stage("4/5 pretrain")
+    t = stage("4/8 pretrain")
     overrides = [f"train.device={cfg.device}", f"train.progress={str(cfg.progress).lower()}"]
     if cfg.pretrain_steps:
         overrides.append(f"train.max_steps={cfg.pretrain_steps}")
@@ -73,7 +74,7 @@ def run(cfg) -> dict[str, Any]:
     summary = pretrain(pre_cfg)
     timings["pretrain"] = time.perf_counter() - t
 
-    t = stage("5/5 sample and measure fact recall")
+    t = stage("5/8 sample and measure fact recall")
     device = pick_device(cfg.device)
     world = make_world_from_config(corpus_cfg.corpus.seed, corpus_cfg.corpus.world)
     prompts = cloze_prompts(world, cfg.recall_facts, seed=corpus_cfg.corpus.seed)
@@ -94,15 +95,49 @@ def run(cfg) -> dict[str, Any]:
     timings["sample"] = time.perf_counter() - t
     print(f"fact recall: before {recall_before['all']:.1%} -> after {recall_after['all']:.1%} "
           f"(en {recall_after.get('en', 0):.1%}, zh {recall_after.get('zh', 0):.1%})")
+
+    t = stage("6/8 fine-tune: full SFT and LoRA on the world's question/answer conversations")
+    common = [f"train.device={cfg.device}", f"train.progress={str(cfg.progress).lower()}"]
+    sft = finetune_stage(cfg.out_dir, common, cfg.sft_steps)
+    timings["finetune"] = time.perf_counter() - t
+
+    t = stage("7/8 eval: base vs full SFT vs LoRA on held-out facts")
+    evaluation = eval_stage(cfg.out_dir, cfg.device, cfg.eval_limit)
+    timings["eval"] = time.perf_counter() - t
+
+    served = None
+    if cfg.serve:
+        t = stage("8/8 serve: lmforge serve + one chat request through the openai client")
+        question = _held_out_question(out)
+        served = serve_stage(sft["full"]["model_dir"], question)
+        timings["serve"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
     results = {"manifest": manifest, "tokenizer": {"kind": tok_cfg.tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                "data": data_report, "pretrain": summary, "recall_before": recall_before,
                "recall_after": recall_after, "recall_rows": rows, "samples": samples,
-               "generation_tokens_per_second": gen_tokens / gen_seconds,
-               "timings": timings, "out_dir": str(out)}
+               "generation_tokens_per_second": gen_tokens / gen_seconds, "sft": sft, "eval": evaluation,
+               "serve": served, "timings": timings, "out_dir": str(out)}
     report_path = write_report(results, tokenizer)
+    qa = {name: _qa_accuracy(evaluation, name) for name in evaluation["models"]}
     print(f"\nquickstart done in {timings['total']:.0f}s: val PPL {summary.get('initial_val', {}).get('val_ppl', float('nan')):.1f}"
           f" -> {summary.get('val_ppl', float('nan')):.2f}, fact recall {recall_before['all']:.0%} -> "
-          f"{recall_after['all']:.0%}; report: {report_path}")
+          f"{recall_after['all']:.0%}, held-out QA accuracy " + ", ".join(f"{k} {v:.0%}" for k, v in qa.items())
+          + f"; report: {report_path}")
     return results
+
+
+def _qa_accuracy(evaluation: dict[str, Any], model: str) -> float:
+    """Mean `contains` accuracy over the generative QA tasks of one model (the quickstart's headline number)."""
+    scores = [t["metrics"].get("contains", t["metrics"].get("em", 0.0))
+              for name, t in evaluation["models"][model]["tasks"].items() if t.get("type") == "gen"]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _held_out_question(out: Path) -> str:
+    """The first held-out English QA question: what the served model is asked."""
+    import json
+
+    path = out / "corpus" / "tasks" / "qa_en_test.jsonl"
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    return first["messages"][-1]["content"]
