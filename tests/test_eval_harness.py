@@ -252,7 +252,7 @@ def test_recipe_suites_load():
         tasks = task_specs(cfg)
         assert model_specs(cfg) and tasks
     qs = build_config(Config, yaml.safe_load((ROOT / "lmforge/recipes/suites/quickstart.yaml").read_text()))
-    assert [m.label for m in model_specs(qs)] == ["base", "lora-sft"]
+    assert [m.label for m in model_specs(qs)] == ["base", "full-sft", "lora-sft"]
     assert {t.type for t in task_specs(qs)} == {"ppl", "mc", "gen"}
 
 
