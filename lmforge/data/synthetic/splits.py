@@ -10,6 +10,8 @@ How the splits work (and why nothing leaks):
 - SFT, preference pairs, multiple choice and tool tasks are built from one part of the split. SFT trains on
   questions about train facts and is tested on test facts: the model saw those facts in pretraining but
   never as a question/answer, so test accuracy measures whether SFT taught it to retrieve what it knows.
+- `sft_skills_*` (skills.py): reading comprehension, JSON extraction and arithmetic, with exact-match
+  answers; their test part holds unseen facts and unseen number pairs, so it measures a taught skill.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from lmforge.core.io import atomic_write_json, atomic_write_text
 
 from . import text as T
 from .corpus import render_document
+from .skills import skill_examples
 from .world import NUMBER_TYPES, REFERENCE_YEAR, SCHEMA, SYMMETRIC_RELATIONS, Fact, World, make_world
 
 _SHARED_GROUP = {"birth_year": "age"}  # relations derivable from each other go to the same split
@@ -274,6 +277,7 @@ def write_tasks(out_dir: str | Path, seed: int = 0, world: World | None = None, 
     for part in ("train", "test"):
         facts = split.part(part)
         sets[f"sft_{part}"] = sft_examples(world, facts, seed)
+        sets[f"sft_skills_{part}"] = skill_examples(world, facts, part, seed)
         sets[f"preference_{part}"] = preference_pairs(world, facts, seed)
         sets[f"tools_{part}"] = tool_tasks(world, facts, seed)
         for lang in ("en", "zh"):
