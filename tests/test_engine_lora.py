@@ -173,3 +173,13 @@ def test_adapter_registry_and_errors(base, adapter_dirs):
     assert engine.lora_names() == []
     assert not any(isinstance(m, AdapterLayer) for m in engine.model.modules())  # the plain model again
     assert engine.generate([[1, 2, 3]], _greedy(5))[0].outputs[0].token_ids == reference_greedy(base, [1, 2, 3], 5)
+
+
+def test_engine_refuses_a_prompt_learning_adapter():
+    from lmforge.peft.prompt_learning import PromptLearningConfig, add_prompt_adapter
+
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, max_position_embeddings=64))
+    add_prompt_adapter(model, PromptLearningConfig(method="prompt", num_virtual_tokens=4))
+    with pytest.raises(ConfigError, match="prompt-learning"):
+        LLMEngine(model)

@@ -112,6 +112,9 @@ class LLMEngine:
         for max_num_seqs sequences of max_model_len tokens, capped at kv_cache_bytes); max_model_len:
         prompt + output limit (default: the model's max_position_embeddings, capped by the cache);
         seed: the generator of requests that bring no seed of their own."""
+        if getattr(model, "num_virtual_tokens", 0):
+            raise ConfigError("the engine cannot run a prompt-learning adapter (prefix/prompt/P-tuning: virtual "
+                              "tokens in every sequence's cache); use lmforge.infer.generate, or a LoRA adapter")
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
