@@ -101,18 +101,6 @@ def test_chat_generation_and_training_mode_restored():
     assert model.training and len(result.predictions) == 7 and set(result.metrics) >= {"em", "contains", "num_items"}
 
 
-def test_sft_accuracy_reuses_generative_qa():
-    from lmforge.finetune import sft_accuracy
-
-    tok, model = tiny_tokenizer(), tiny_model(seed=3)
-    examples = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "answer": "x"} for i in range(3)]
-    out = sft_accuracy(model, tok, examples, max_new_tokens=4)
-    items = [item_from_record(e) for e in examples]
-    replies = evaluate_generative(model, tok, items, chat=True, max_new_tokens=4).predictions
-    assert out["total"] == 3 and [s["reply"] for s in out["samples"]] == replies
-    assert out["accuracy"] == sum("x" in r.lower() for r in replies) / 3
-
-
 # ---- code ----------------------------------------------------------------------------------------------
 
 def test_code_problem_layouts_and_truncation():

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.core.errors import ConfigError
-from lmforge.finetune import Config, FinetuneSection, apply_method, run, sft_accuracy
+from lmforge.finetune import Config, FinetuneSection, apply_method, run
 from lmforge.train.metrics import read_metrics
 
 run_module = importlib.import_module("lmforge.finetune.run")
@@ -185,8 +185,8 @@ def test_resume_reproduces_losses_in_process(base, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method,drop", [("full", 1.0), ("lora", 0.1)])
 def test_sft_lowers_val_loss_and_accuracy_runs(base, tmp_path, monkeypatch, method, drop):
-    from lmforge.data.synthetic import split_facts
-    from lmforge.finetune import fact_questions
+    from lmforge.data.synthetic import qa_questions, split_facts
+    from lmforge.eval.generative import evaluate_generative, item_from_record
     from lmforge.tokenizer import Tokenizer
 
     seen = _capture_model(monkeypatch)
@@ -196,10 +196,11 @@ def test_sft_lowers_val_loss_and_accuracy_runs(base, tmp_path, monkeypatch, meth
           f"trainable {summary['trainable_share']:.2%}, peak {summary['peak_memory_mb']:.0f} MB")
     assert summary["val_loss"] < summary["initial_val"]["val_loss"] - drop
     assert summary["peak_memory_mb"] > 0
-    questions = fact_questions(base["world"], split_facts(base["world"], 3).test[:6])
+    questions = qa_questions(base["world"], split_facts(base["world"], 3).test[:6])
     tok = Tokenizer.from_pretrained(base["model"])
-    result = sft_accuracy(seen["prepared"].model, tok, questions, max_new_tokens=8)
-    assert result["total"] == 6 and 0.0 <= result["accuracy"] <= 1.0 and result["samples"]
+    result = evaluate_generative(seen["prepared"].model, tok, [item_from_record(q) for q in questions], chat=True,
+                                 metrics=["contains"], max_new_tokens=8)
+    assert result.metrics["num_items"] == 6 and 0.0 <= result.metrics["contains"] <= 1.0
 
 
 def test_recipe_loads_and_names_the_task_files_write_tasks_writes():

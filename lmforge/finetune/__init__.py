@@ -4,7 +4,7 @@
     lmforge finetune ... train.resume=auto             # continue an interrupted run exactly
 
 ```python
-from lmforge.finetune import read_conversations, tokenize_all, SFTBatches, sft_accuracy
+from lmforge.finetune import read_conversations, tokenize_all, SFTBatches
 ```
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Literal
 
 from ..config import opt
 from ..train.config import TrainConfig
-from .accuracy import fact_questions, sft_accuracy
 from .data import (Example, SFTBatches, add_neftune, collate, pack_rows, read_conversations, sft_loss,
                    to_messages, tokenize_all, tokenize_conversation)
 from .methods import FinetuneSection, apply_method, peak_memory
@@ -49,4 +48,4 @@ class Config:
 
 __all__ = ["Config", "ModelSection", "DataSection", "FinetuneSection", "run", "read_conversations", "to_messages",
            "tokenize_conversation", "tokenize_all", "Example", "SFTBatches", "collate", "pack_rows", "sft_loss",
-           "add_neftune", "apply_method", "peak_memory", "sft_accuracy", "fact_questions"]
+           "add_neftune", "apply_method", "peak_memory"]
