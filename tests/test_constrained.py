@@ -95,12 +95,7 @@ def conforms(value, schema: dict) -> bool:
     raise AssertionError(f"schema kind {kind!r} not covered by the test checker")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,9 @@ def _random_model(**overrides) -> Transformer:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waits between
-    threads made this file 50x slower (7 s vs 0.12 s for one test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waits between threads made
+# this file 50x slower (7 s vs 0.12 s for one test).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

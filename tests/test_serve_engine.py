@@ -15,12 +15,7 @@ from lmforge.infer.request import SamplingParams
 from lmforge.serve.async_engine import AsyncLLMEngine, EngineClosedError, EngineStepError, wait_until
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from lmforge.peft import AdapterConfig, add_adapter, load_adapter, merge_and_unl
 from lmforge.serve import ServerThread, create_app  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="module")
