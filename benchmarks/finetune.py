@@ -16,6 +16,10 @@ Timing: the configurations take turns, round by round (the order reversed every 
 fresh subprocess that warms up and then times `--steps` steps; steps during which other processes used
 more than 0.1 of a core are dropped (as in train_throughput.py). Tokens/s = tokens per step / median step.
 
+Because a step that overlapped other processes' work says little, the script ends with an in-process A/B of
+the two LoRA steps (ours vs transformers+peft), alternating step by step in one fresh process per precision
+(`--ab-steps` each): both sides see the same load, so their ratio holds even on a busy machine.
+
 Memory (Linux): `peak` is the process's peak resident set (VmHWM); `train peak` is the high-water mark
 from just before the first training step (VmHWM reset through /proc/self/clear_refs after the model is
 built), i.e. without the transient full-precision copy a QLoRA base passes through while being quantised.
@@ -61,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--ab-steps", type=int, default=8,
+                   help="steps per side of the in-process alternating LoRA vs transformers+peft A/B (0 = skip)")
+    p.add_argument("--worker", choices=(*CONFIGS, "ab"), help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -135,30 +141,13 @@ def build_hf(config, state: dict, cfg):
     return model, optimizer, {}
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One configuration in this (fresh) process: build, warm up, time, measure memory; returns the record."""
+def make_step(kind: str, model, optimizer, precision: str, cfg):
+    """One whole optimizer step of configuration `kind`; returns the loss."""
     from lmforge.core.device import autocast_context
-    from lmforge.model import Transformer
     from lmforge.train.losses import causal_lm_loss
 
-    torch.set_num_threads(args.threads)
-    config = model_config(args)
-    cfg = train_config(args)
-    torch.manual_seed(args.seed)
-    state = {k: v.clone() for k, v in Transformer(config).state_dict().items()}
-    batches = make_batches(config, args, 4)
-    rss_imports = _status_kb("VmRSS")
-    kind, precision = args.worker, args.precision
-    if kind == "hf-lora":
-        model, optimizer, extra = build_hf(config, state, cfg)
-    else:
-        model, optimizer, extra = build_ours(kind, config, state, cfg)
-    del state
-    gc.collect()
-    peak_build = _status_kb("VmHWM")
-    can_reset = reset_peak()
-    device = torch.device("cpu")
     params = [p for p in model.parameters() if p.requires_grad]
+    device = torch.device("cpu")
 
     def step(batch) -> float:
         if kind == "hf-lora":
@@ -174,27 +163,79 @@ def worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return value
 
+    return step, sum(p.numel() for p in params)
+
+
+def setup(args: argparse.Namespace):
+    """(model config, train config, starting weights, batches), the same in every process."""
+    from lmforge.model import Transformer
+
+    torch.set_num_threads(args.threads)
+    config = model_config(args)
+    torch.manual_seed(args.seed)
+    state = {k: v.clone() for k, v in Transformer(config).state_dict().items()}
+    return config, train_config(args), state, make_batches(config, args, 4)
+
+
+def build(kind: str, config, state: dict, cfg):
+    return build_hf(config, state, cfg) if kind == "hf-lora" else build_ours(kind, config, state, cfg)
+
+
+def timed(step, batch) -> tuple[float, bool]:
+    """(seconds, clean): clean = other processes used at most CONTAMINATION cores meanwhile."""
+    ticks = cpu_ticks()
+    t0 = time.perf_counter()
+    step(batch)
+    seconds = time.perf_counter() - t0
+    return seconds, others_cores(ticks, cpu_ticks(), seconds) <= CONTAMINATION
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One configuration in this (fresh) process: build, warm up, time, measure memory; returns the record."""
+    config, cfg, state, batches = setup(args)
+    rss_imports = _status_kb("VmRSS")
+    kind, precision = args.worker, args.precision
+    model, optimizer, extra = build(kind, config, state, cfg)
+    del state
+    gc.collect()
+    peak_build = _status_kb("VmHWM")
+    can_reset = reset_peak()
+    step, trainable = make_step(kind, model, optimizer, precision, cfg)
     first_loss = step(batches[0])
     for i in range(1, args.warmup):
         step(batches[i % len(batches)])
     times, dropped = [], []
     for i in range(args.steps):
-        ticks = cpu_ticks()
-        t0 = time.perf_counter()
-        step(batches[i % len(batches)])
-        seconds = time.perf_counter() - t0
-        (dropped if others_cores(ticks, cpu_ticks(), seconds) > CONTAMINATION else times).append(seconds)
-    trainable = sum(p.numel() for p in params)
+        seconds, clean = timed(step, batches[i % len(batches)])
+        (times if clean else dropped).append(seconds)
     return {"config": kind, "precision": precision, "times": times, "dropped": dropped, "first_loss": first_loss,
             "rss_imports_mb": rss_imports / 1024, "peak_mb": max(peak_build, _status_kb("VmHWM")) / 1024,
             "train_peak_mb": _status_kb("VmHWM") / 1024 if can_reset else float("nan"),
             "trainable": trainable, **extra}
 
 
+def ab_worker(args: argparse.Namespace) -> dict:
+    """Our LoRA and transformers+peft LoRA in one process, alternating step by step (the order flipping every
+    step), so that load from other processes hits both alike: the ratio for a shared machine."""
+    config, cfg, state, batches = setup(args)
+    steps = {}
+    for kind in ("lora", "hf-lora"):
+        model, optimizer, _ = build(kind, config, state, cfg)
+        steps[kind] = make_step(kind, model, optimizer, args.precision, cfg)[0]
+    for step in steps.values():
+        for i in range(args.warmup):
+            step(batches[i % len(batches)])
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(args.ab_steps):
+        for kind in ("lora", "hf-lora") if i % 2 == 0 else ("hf-lora", "lora"):
+            times[kind].append(timed(steps[kind], batches[i % len(batches)])[0])
+    return {"precision": args.precision, "times": times}
+
+
 def spawn(args: argparse.Namespace, kind: str, precision: str) -> dict:
     argv = [sys.executable, __file__, "--worker", kind, "--precision", precision]
     for key in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "steps", "warmup", "threads",
-                "seed"):
+                "seed", "ab_steps"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.kv_heads:
         argv += ["--kv-heads", str(args.kv_heads)]
@@ -210,7 +251,7 @@ def spawn(args: argparse.Namespace, kind: str, precision: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+        print("RESULT " + json.dumps(ab_worker(args) if args.worker == "ab" else worker(args)))
         return
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -235,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                 rec = spawn(args, kind, precision)
                 records.setdefault((precision, kind), []).append(rec)
                 print(f"# {precision} {kind} round {r}: steps {[round(t * 1e3) for t in rec['times']]} ms, "
-                      f"dropped {len(rec['dropped'])}, peak {rec['peak_mb']:.0f} MB, "
+                      f"dropped {[round(t * 1e3) for t in rec['dropped']]} ms, peak {rec['peak_mb']:.0f} MB, "
                       f"train peak {rec['train_peak_mb']:.0f} MB, first loss {rec['first_loss']:.4f}", flush=True)
     summary = {}
     for key, recs in records.items():
@@ -250,14 +291,14 @@ def main(argv: list[str] | None = None) -> None:
                         "trainable": recs[0]["trainable"], "nf4": recs[0].get("nf4")}
     print()
     print("| precision | method | step ms (median) | best ms | tok/s | vs full | peak RSS MB | train peak MB | "
-          "trainable params |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "RSS after imports MB | trainable params |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (precision, kind), s in summary.items():
         full = summary.get((precision, "full"))
         vs = f"{full['step'] / s['step']:.2f}x" if full else "-"
         flag = " (ALL DISTURBED)" if s["disturbed"] else ""
         print(f"| {precision} | {kind} | {s['step'] * 1e3:.0f}{flag} | {s['best'] * 1e3:.0f} | {tokens / s['step']:.0f} | {vs} | "
-              f"{s['peak']:.0f} | {s['train_peak']:.0f} | {s['trainable']:,} |")
+              f"{s['peak']:.0f} | {s['train_peak']:.0f} | {s['imports']:.0f} | {s['trainable']:,} |")
     print()
     for precision in precisions:
         ours, hf = summary.get((precision, "lora")), summary.get((precision, "hf-lora"))
@@ -276,6 +317,17 @@ def main(argv: list[str] | None = None) -> None:
               f"bytes ({nf4['code_bytes']:,} codes + {nf4['constant_bytes']:,} constants, "
               f"{nf4['bits_per_weight']:.3f} bits/weight) vs bf16 {nf4['bf16_bytes']:,} bytes -> "
               f"{nf4['ratio_vs_bf16']:.2%} (target <= 30%); embeddings, norms and lm_head stay unquantised")
+    if args.ab_steps > 0 and {"lora", "hf-lora"} <= set(configs):
+        print()
+        print("In-process A/B, alternating step by step (fresh process per precision):")
+        print("| precision | ours LoRA ms (median / best) | HF+peft LoRA ms (median / best) | ours/HF+peft (median) | (best) |")
+        print("|---|---|---|---|---|")
+        for precision in precisions:
+            times = spawn(args, "ab", precision)["times"]
+            ours, hf = times["lora"], times["hf-lora"]
+            print(f"| {precision} | {statistics.median(ours) * 1e3:.0f} / {min(ours) * 1e3:.0f} | "
+                  f"{statistics.median(hf) * 1e3:.0f} / {min(hf) * 1e3:.0f} | "
+                  f"{statistics.median(hf) / statistics.median(ours):.2f}x | {min(hf) / min(ours):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

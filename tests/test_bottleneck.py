@@ -15,16 +15,9 @@ from lmforge.peft import (AdapterConfig, BottleneckLayer, adapter_rows, apply_ad
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
-from test_finetune import _args, base  # noqa: F401  (the tiny SFT model + data fixture)
+from test_finetune import _args, _restore_threads, base  # noqa: F401  (tiny SFT model + data; thread restore)
 
 VOCAB = 61
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0) -> Transformer:

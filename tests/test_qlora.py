@@ -24,7 +24,7 @@ from lmforge.peft.base import AdapterLayer
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
-from test_finetune import _args, base  # noqa: F401  (the tiny SFT model + data fixture)
+from test_finetune import _args, _restore_threads, base  # noqa: F401  (tiny SFT model + data; thread restore)
 
 # bitsandbytes' published NF4 table (functional.py, `get_4bit_type("nf4")`)
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -32,13 +32,6 @@ BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
            1.0]
 VOCAB = 61
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----- a plain reference implementation ------------------------------------------------------------------

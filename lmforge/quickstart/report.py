@@ -154,7 +154,7 @@ def _metric(task: dict[str, Any] | None, key: str) -> str:
     if not task or key not in task["metrics"]:
         return "–"
     value = task["metrics"][key]
-    return f"{value:.1%}" if key != "ppl" else f"{value:.2f}"
+    return f"{value:.1%}" if key != "perplexity" else f"{value:.2f}"
 
 
 def _eval_section(results: dict[str, Any]) -> list[str]:
@@ -166,7 +166,7 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
         tasks = entry["tasks"]
         rows.append(f"| {name} | {_metric(tasks.get('qa_en'), 'contains')} | {_metric(tasks.get('qa_zh'), 'contains')} "
                     f"| {_metric(tasks.get('qa_en'), 'em')} | {_metric(tasks.get('mc_en'), 'acc')} | "
-                    f"{_metric(tasks.get('mc_zh'), 'acc')} | {_metric(tasks.get('ppl_val'), 'ppl')} |")
+                    f"{_metric(tasks.get('mc_zh'), 'acc')} | {_metric(tasks.get('ppl_val'), 'perplexity')} |")
     return ["## 8. Evaluation: base vs full SFT vs LoRA on held-out facts", "",
             "QA: the model answers a question about a held-out fact (greedy, through the inference engine); "
             "*answer found* = the expected object appears in the reply, *exact* = the reply is exactly the "
