@@ -85,3 +85,18 @@ def test_bad_arguments():
         beam_search(model, [], num_beams=2)
     with pytest.raises(ConfigError):
         beam_search(model, [1], num_beams=2, num_return=3)
+
+
+def test_generate_command_with_beams(tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat"] * 50 + ["a dog ran in the park"] * 50,
+                          TokenizerConfig(vocab_size=300, min_frequency=2))
+    model = tiny(vocab=tok.vocab_size, seed=2, std=0.3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert main(["generate", f"model={tmp_path}", "prompt=[the cat]", "num_beams=3", "max_new_tokens=5"]) == 0
+    hyp = beam_search(model, tok.encode("the cat"), num_beams=3, max_new_tokens=5, eos_token_id=tok.eos_id)[0]
+    assert tok.decode(hyp.token_ids, skip_special_tokens=True) in capsys.readouterr().out
+    assert main(["generate", f"model={tmp_path}", "prompt=[x]", "num_beams=2", "prompt_lookup=2"]) == 2

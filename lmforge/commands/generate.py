@@ -29,6 +29,8 @@ class Config:
     sink_window: int = opt(0, "StreamingLLM attention-sink KV cache of this many slots (0 = off): "
                               "generation may run past any length")
     num_sinks: int = opt(4, "with sink_window: the first tokens always kept in the cache")
+    num_beams: int = opt(1, "beam search with this many beams (1 = off; deterministic, ignores temperature)")
+    length_penalty: float = opt(1.0, "beam search: a finished beam scores sum(log p) / length ** length_penalty")
 
     def validate(self) -> None:
         speculative = bool(self.draft) or self.prompt_lookup > 0
@@ -36,6 +38,10 @@ class Config:
             raise ConfigError(f"draft/prompt_lookup decode one sequence; got {len(self.prompt)} prompts")
         if speculative and self.sink_window:
             raise ConfigError("sink_window cannot be combined with draft/prompt_lookup")
+        if self.num_beams > 1 and (speculative or self.sink_window):
+            raise ConfigError("num_beams > 1 cannot be combined with draft/prompt_lookup/sink_window")
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams={self.num_beams} must be >= 1")
         if self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
 
@@ -75,6 +81,11 @@ def run(cfg: Config) -> list[str]:
                                       prompt_lookup_ngram=cfg.prompt_lookup, temperature=cfg.temperature,
                                       top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_token_id=stop)
         outputs, stats = [result.tokens], result.stats
+    elif cfg.num_beams > 1:
+        from ..infer.beam import beam_search
+
+        outputs = [beam_search(model, p, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                               length_penalty=cfg.length_penalty, eos_token_id=stop)[0].token_ids for p in prompts]
     else:
         outputs = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, eos_token_id=stop, seed=cfg.seed, sink_window=cfg.sink_window,
