@@ -120,7 +120,7 @@ def write_report(results: dict[str, Any], tokenizer) -> Path:
         "lmforge data --config recipes/quickstart/data.yaml",
         "lmforge pretrain --config recipes/quickstart/pretrain.yaml",
         f"lmforge generate --model {pre['model_dir']} --prompt \"{results['samples'][0][0]}\" --temperature 0.8",
-        "lmforge finetune --config recipes/quickstart/sft.yaml finetune.method=full train.lr=1e-3 "
+        "lmforge finetune --config recipes/quickstart/sft.yaml finetune.method=full train.lr=3e-4 "
         "train.out_dir=runs/quickstart/sft_full",
         "lmforge finetune --config recipes/quickstart/sft.yaml                    # LoRA",
         "lmforge eval --config recipes/suites/quickstart.yaml",

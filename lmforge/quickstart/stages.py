@@ -31,7 +31,7 @@ def finetune_stage(out_dir: str, common: list[str], steps: int) -> dict[str, dic
     from ..finetune import Config as FinetuneConfig
     from ..finetune import run as finetune
 
-    runs = {"full": ["finetune.method=full", "train.lr=1e-3", f"train.out_dir={out_dir}/sft_full"],
+    runs = {"full": ["finetune.method=full", "train.lr=3e-4", f"train.out_dir={out_dir}/sft_full"],
             "lora": ["finetune.method=lora", f"train.out_dir={out_dir}/sft_lora"]}
     summaries = {}
     for name, overrides in runs.items():
