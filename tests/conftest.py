@@ -57,3 +57,48 @@ def pretrain_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=0", "train.eval_batches=4",
             "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "train.seed=7",
             *TINY_MODEL, *extra]
+
+
+@pytest.fixture
+def restore_threads():
+    """Fine-tuning runs set train.num_threads=1 (tiny matmuls, shared cores); give later tests theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sft_base(tiny_data, tmp_path_factory) -> dict:
+    """A random tiny Llama + the tiny tokenizer saved as an HF dir, and an SFT file from the synthetic world."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from lmforge.data.synthetic import make_world, sft_examples, split_facts
+    from lmforge.model import PRESETS, Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("sft_base")
+    tok = Tokenizer.from_pretrained(tiny_data.parent / "tokenizer")
+    cfg = replace(PRESETS["llama-tiny"](), vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
+                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    Transformer(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    world = make_world(3)
+    records = sft_examples(world, split_facts(world, 3).train, 3, langs=("en",))[:48]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"model": root / "model", "data": root / "sft.jsonl", "world": world}
+
+
+def finetune_args(base: dict, out: Path, *extra: str) -> list[str]:
+    """Config overrides for a few-step `lmforge finetune` run on sft_base (later overrides win)."""
+    return [f"model.init_from={base['model']}", f"data.path={base['data']}", "data.max_seq_len=64",
+            "data.val_fraction=0.25", f"train.out_dir={out}", "train.batch_size=4", "train.seq_len=64",
+            "train.lr=1e-2", "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=0",
+            "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "train.seed=3",
+            "train.num_threads=1", "train.peak_flops=1e11", "train.max_steps=3", "train.save_every=0", *extra]

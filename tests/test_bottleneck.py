@@ -15,7 +15,15 @@ from lmforge.peft import (AdapterConfig, BottleneckLayer, adapter_rows, apply_ad
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
-from test_finetune import _args, _restore_threads, base  # noqa: F401  (tiny SFT model + data; thread restore)
+from conftest import finetune_args as _args
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
+@pytest.fixture(scope="module")
+def base(sft_base) -> dict:
+    return sft_base
+
 
 VOCAB = 61
 

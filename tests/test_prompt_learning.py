@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finetune_args
 
 from lmforge.core.errors import ConfigError
 from lmforge.model import PRESETS, KVCache, Transformer
@@ -312,43 +313,13 @@ def test_peft_adapter_loads_in_lmforge_with_equal_logits(kind, hf_dir, tmp_path)
 
 
 # ----- lmforge finetune end to end ------------------------------------------------------------------------
+pytestmark = pytest.mark.usefixtures("restore_threads")
 run_module = importlib.import_module("lmforge.finetune.run")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sft_base(tiny_data, tmp_path_factory) -> dict:
-    """A random tiny Llama + the tiny tokenizer as an HF dir, and an SFT file from the synthetic world."""
-    from lmforge.data.synthetic import make_world, sft_examples, split_facts
-    from lmforge.tokenizer import Tokenizer
-
-    root = tmp_path_factory.mktemp("pl_sft")
-    tok = Tokenizer.from_pretrained(tiny_data.parent / "tokenizer")
-    cfg = replace(PRESETS["llama-tiny"](), vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                  num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=256,
-                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    world = make_world(3)
-    records = sft_examples(world, split_facts(world, 3).train, 3, langs=("en",))[:48]
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"model": root / "model", "data": root / "sft.jsonl"}
-
-
 def _cli_args(base: dict, out: Path, *extra: str) -> list[str]:
-    return ["finetune", f"model.init_from={base['model']}", f"data.path={base['data']}", "data.max_seq_len=64",
-            "data.val_fraction=0.25", f"train.out_dir={out}", "train.batch_size=4", "train.seq_len=64",
-            "train.lr=3e-1", "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=0",
-            "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "train.seed=3",
-            "train.num_threads=1", "train.peak_flops=1e11", "train.max_steps=20", "train.save_every=0",
-            "finetune.num_virtual_tokens=4", "finetune.encoder_hidden_size=16", *extra]
+    return ["finetune", *finetune_args(base, out, "train.lr=3e-1", "train.max_steps=20",
+                                       "finetune.num_virtual_tokens=4", "finetune.encoder_hidden_size=16", *extra)]
 
 
 def _capture(monkeypatch) -> dict:

@@ -24,7 +24,14 @@ from lmforge.peft.base import AdapterLayer
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
-from test_finetune import _args, _restore_threads, base  # noqa: F401  (tiny SFT model + data; thread restore)
+from conftest import finetune_args as _args
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
+@pytest.fixture(scope="module")
+def base(sft_base) -> dict:
+    return sft_base
 
 # bitsandbytes' published NF4 table (functional.py, `get_4bit_type("nf4")`)
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
