@@ -41,25 +41,9 @@ def build_model_dir(out: Path, hidden: int, layers: int, heads: int, intermediat
     print(f"model: {model.num_params() / 1e6:.1f}M params (hidden {hidden}, {layers} layers, vocab {tok.vocab_size})")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"lmforge serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("lmforge serve did not become healthy")
-
-
 def bench_ours(model_dir: Path, args) -> dict:
     from lmforge.serve.loadgen import Config, format_summary, run_bench_serve
-    from lmforge.serve.server import free_port
+    from lmforge.serve.server import free_port, wait_healthy
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -171,7 +171,7 @@ def _eval_section(results: dict[str, Any]) -> list[str]:
             "QA: the model answers a question about a held-out fact (greedy, through the inference engine); "
             "*answer found* = the expected object appears in the reply, *exact* = the reply is exactly the "
             "reference (the SFT answers are whole sentences, so exact match stays low by design). MC: four "
-            "options, 2-shot, by log-likelihood (chance 25%).", "",
+            "options, 2-shot, the option whose text the model finds most likely (chance 25%).", "",
             "| model | QA en, answer found | QA zh, answer found | QA en, exact | MC en | MC zh | val PPL |",
             "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
             "Full tables (per subject, robustness under typos and shuffled options, cost, contamination): "

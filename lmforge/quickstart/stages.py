@@ -15,7 +15,6 @@ from typing import Any, Callable
 import yaml
 
 from ..config import build_config
-from ..core.errors import LMForgeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -60,28 +59,12 @@ def eval_stage(out_dir: str, device: str, limit: int = 0) -> dict[str, Any]:
                     overwrite=True, config={"suite": "recipes/suites/quickstart.yaml"})
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise LMForgeError(f"`lmforge serve` exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise LMForgeError(f"`lmforge serve` did not answer on {url}/health within {timeout:.0f}s")
-
-
 def serve_stage(model_dir: str, question: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Start `lmforge serve` as a real subprocess, ask one chat question with the official openai client
     (streamed, to time the first token), read /metrics, and stop the server with Ctrl-C (it drains)."""
     from openai import OpenAI
 
-    from ..serve.server import free_port
+    from ..serve.server import free_port, wait_healthy
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -91,9 +74,7 @@ def serve_stage(model_dir: str, question: str, log: Callable[[str], None] = prin
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        started = time.perf_counter()
-        _wait_healthy(url, proc, timeout=120)
-        startup = time.perf_counter() - started
+        startup = wait_healthy(url, proc, timeout=120)
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         t0 = time.perf_counter()
         first = None

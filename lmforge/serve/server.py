@@ -18,6 +18,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, proc=None, timeout: float = 120.0) -> float:
+    """Poll `url`/health until it answers 200 (seconds waited); raise if `proc` (a Popen running
+    `lmforge serve`) exits first or the time runs out."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise LMForgeError(f"`lmforge serve` exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise LMForgeError(f"`lmforge serve` did not answer on {url}/health within {timeout:.0f}s")
+
+
 class ServerThread:
     """`with ServerThread(app) as server: httpx.get(server.url + "/health")` — uvicorn in a daemon thread.
 
