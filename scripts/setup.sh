@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the project-local virtual environment (.venv) and install lmforge into it.
-#   bash scripts/setup.sh           # the package with its server (quickstart, every CLI stage)
+#   bash scripts/setup.sh           # the package with its server and eval metrics (quickstart, every CLI stage)
 #   bash scripts/setup.sh --test    # plus test dependencies (transformers, datasets, pytest)
 # torch is installed first and pinned, so no other package can pull a different (multi-GB CUDA) build.
 # Override the torch requirement with LMFORGE_TORCH (e.g. LMFORGE_TORCH="torch==2.13.0 --index-url ...").
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${LMFORGE_TORCH:-torch==2.13.0}
-extras="[serve]"   # the quickstart ends by serving the model it trained
+extras="[serve,eval]"   # the quickstart evaluates (metrics) and ends by serving the model it trained
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 if [ ! -x .venv/bin/python ]; then
