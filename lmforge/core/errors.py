@@ -15,3 +15,7 @@ class DataError(LMForgeError):
 
 class CheckpointError(LMForgeError):
     """A checkpoint is missing, partial or corrupt: names the path and the reason."""
+
+
+class MissingDependencyError(LMForgeError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""

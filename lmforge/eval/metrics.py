@@ -21,6 +21,8 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Literal, Sequence
 
+from ..core.errors import MissingDependencyError
+
 Lang = Literal["en", "zh", "auto"]
 
 # Han ideographs (basic, extension A, compatibility) and Japanese kana: scripts written without spaces.
@@ -116,7 +118,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
     try:
         import sacrebleu
     except ImportError:  # pragma: no cover - an optional dependency
-        raise ImportError("BLEU needs sacrebleu: pip install 'sacrebleu>=2.4,<3'") from None
+        raise MissingDependencyError("BLEU needs sacrebleu: pip install 'lmforge[eval]' (or bash scripts/setup.sh)") from None
     refs = _reference_lists(predictions, references)
     lang = _resolve_lang(lang, *predictions, *(r for rs in refs for r in rs))
     # sacrebleu wants reference *streams* (the i-th reference of every sentence); None marks a missing one.
@@ -142,7 +144,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]
     try:
         from rouge_score import rouge_scorer
     except ImportError:  # pragma: no cover - an optional dependency
-        raise ImportError("ROUGE needs rouge-score: pip install 'rouge-score>=0.1.2,<0.2'") from None
+        raise MissingDependencyError("ROUGE needs rouge-score: pip install 'lmforge[eval]' (or bash scripts/setup.sh)") from None
     refs = _reference_lists(predictions, references)
     if not predictions:
         return 0.0
