@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from lmforge.core.device import autocast_context
+from lmforge.core.device import autocast_context, cpu_name  # noqa: F401  (cpu_name: re-exported for finetune.py)
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.config import TrainConfig
 from lmforge.train.losses import causal_lm_loss
@@ -134,17 +133,6 @@ def matmul_peaks(dtype: torch.dtype, n: int, samples: int = 5, sample_seconds: f
                     break
         peaks[name] = 2 * n**3 / best if clean else float("nan")
     return peaks
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---- the two contenders --------------------------------------------------------------------------

@@ -61,3 +61,17 @@ def autocast_context(device: torch.device, precision: str):
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark headers): /proc/cpuinfo on Linux, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

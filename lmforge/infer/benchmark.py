@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import opt
+from ..core.device import cpu_name
 from ..core.errors import ConfigError
 
 
@@ -157,7 +158,7 @@ def run_generate_bench(cfg: GenerateBenchConfig, log=print) -> dict:
     from .speculative import speculative_generate
 
     threads = set_threads(cfg.threads)
-    log(f"# {time.strftime('%Y-%m-%d')}, {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    log(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"threads={threads}, load average at start {os.getloadavg()[0]:.1f}")
     bandwidth = measure_read_bandwidth(cfg.bandwidth_mb)
     log(f"# read bandwidth: {bandwidth / 1e9:.1f} GB/s (best float32 sum over {cfg.bandwidth_mb} MB)")
@@ -294,16 +295,3 @@ def _print_tables(cfg: GenerateBenchConfig, results: dict, log) -> None:
                 acc = f"{s['acceptance']:.0%}" if s["acceptance"] is not None else "-"
                 log(f"| {name} | {kind} | {acc} | {s['tokens_per_target_forward']:.2f} | {s['tps']:.1f} "
                     f"| {s['speedup']:.2f}x |")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
