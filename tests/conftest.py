@@ -102,3 +102,49 @@ def finetune_args(base: dict, out: Path, *extra: str) -> list[str]:
             "train.lr=1e-2", "train.warmup_steps=1", "train.eval_every=0", "train.eval_batches=0",
             "train.progress=false", "train.tensorboard=false", "train.precision=fp32", "train.seed=3",
             "train.num_threads=1", "train.peak_flops=1e11", "train.max_steps=3", "train.save_every=0", *extra]
+
+
+def crash_during(monkeypatch, module: str, call: int, run) -> None:
+    """Call `run()` with `module`'s causal_lm_loss raising SystemExit on its `call`-th use (a crash in the
+    middle of a run, after some checkpoint), check that it died, then put the real loss back."""
+    import importlib
+
+    run_module = importlib.import_module(module)  # the module, not a re-exported function of that name
+    real, calls = run_module.causal_lm_loss, {"n": 0}
+
+    def dying_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise SystemExit("simulated crash")
+        return real(model, batch)
+
+    monkeypatch.setattr(run_module, "causal_lm_loss", dying_loss)
+    with pytest.raises(SystemExit):
+        run()
+    monkeypatch.setattr(run_module, "causal_lm_loss", real)
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    """{step: training loss} from a run directory's metrics.jsonl."""
+    from lmforge.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def redrawn_llama(vocab_size: int, hidden_size: int, intermediate_size: int, seed: int = 0, std: float = 0.2):
+    """A 2-layer GQA Llama whose weights (norms aside) are redrawn N(0, std²) from `seed`: larger than the
+    default init, so a wrong formula shows in the logits. Eval mode."""
+    import torch
+
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size,
+                                    intermediate_size=intermediate_size, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    max_position_embeddings=64))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()

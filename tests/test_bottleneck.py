@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.core.errors import CheckpointError, ConfigError
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.peft import (AdapterConfig, BottleneckLayer, adapter_rows, apply_adapter, disable_adapters,
                           load_adapter, merge_and_unload, param_groups, save_adapter, set_adapter, add_adapter)
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
 from conftest import finetune_args as _args
+from conftest import redrawn_llama
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -29,16 +30,7 @@ VOCAB = 61
 
 
 def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
-                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-    model = Transformer(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
+    return redrawn_llama(VOCAB, 32, 48, seed, std=0.2)
 
 
 def ids(batch: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import finetune_args
+from conftest import crash_during, finetune_args, step_losses
 
 from lmforge.config import load_config
 from lmforge.core.errors import ConfigError
 from lmforge.finetune import Config, FinetuneSection, apply_method, run
-from lmforge.train.metrics import read_metrics
 
 run_module = importlib.import_module("lmforge.finetune.run")
 
@@ -129,8 +128,7 @@ def test_lora_adapter_loads_in_peft_with_equal_logits(base, tmp_path):
         assert (ours(IDS) - theirs(input_ids=IDS).logits).abs().max() <= 1e-4
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+_losses = step_losses
 
 
 def test_resume_reproduces_losses_in_process(base, tmp_path, monkeypatch):
@@ -139,18 +137,8 @@ def test_resume_reproduces_losses_in_process(base, tmp_path, monkeypatch):
     extra = ("finetune.method=lora", "train.max_steps=6", "train.save_every=2", "train.grad_accum=2",
              "data.packing=true", "finetune.neftune_alpha=5", "finetune.dropout=0.1")
     _run(base, tmp_path / "full", *extra)
-    real, calls = run_module.causal_lm_loss, {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:  # step 5, second micro-batch
-            raise SystemExit("simulated crash")
-        return real(model, batch)
-
-    monkeypatch.setattr(run_module, "causal_lm_loss", dying_loss)
-    with pytest.raises(SystemExit):
-        _run(base, tmp_path / "crashed", *extra)
-    monkeypatch.setattr(run_module, "causal_lm_loss", real)
+    # step 5, second micro-batch
+    crash_during(monkeypatch, "lmforge.finetune.run", 10, lambda: _run(base, tmp_path / "crashed", *extra))
     assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text().strip() == "step-4"
     _run(base, tmp_path / "crashed", *extra, "train.resume=auto")
     assert _losses(tmp_path / "crashed") == _losses(tmp_path / "full")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import pretrain_args
+from conftest import crash_during, pretrain_args, step_losses
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.core.errors import CheckpointError
@@ -24,8 +24,7 @@ def _run(tmp: Path, data: Path, *extra: str) -> dict:
     return run(load_config(Config, None, pretrain_args(data, tmp, *extra)))
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+_losses = step_losses
 
 
 def test_pretrain_lowers_val_loss_and_writes_hf_checkpoint(tiny_data, tmp_path):
@@ -60,24 +59,9 @@ def test_resume_reproduces_losses_in_process(tiny_data, tmp_path, monkeypatch):
     full = tmp_path / "full"
     _run(full, tiny_data, "train.max_steps=10", "train.save_every=4", "train.grad_accum=2")
     interrupted = tmp_path / "interrupted"
-    import lmforge.train.losses as losses
-
-    calls = {"n": 0}
-    real = losses.causal_lm_loss
-
-    def dying_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 11:  # step 6, first micro-batch (2 micro-batches per step)
-            raise SystemExit("simulated crash")
-        return real(model, batch)
-
-    import importlib
-
-    run_module = importlib.import_module("lmforge.pretrain.run")  # the module, not the re-exported function
-    monkeypatch.setattr(run_module, "causal_lm_loss", dying_loss)
-    with pytest.raises(SystemExit):
-        _run(interrupted, tiny_data, "train.max_steps=10", "train.save_every=4", "train.grad_accum=2")
-    monkeypatch.setattr(run_module, "causal_lm_loss", real)
+    # step 6, first micro-batch (2 micro-batches per step)
+    crash_during(monkeypatch, "lmforge.pretrain.run", 11,
+                 lambda: _run(interrupted, tiny_data, "train.max_steps=10", "train.save_every=4", "train.grad_accum=2"))
     assert (interrupted / "checkpoints" / "latest").read_text().strip() == "step-4"
     _run(interrupted, tiny_data, "train.max_steps=10", "train.save_every=4", "train.grad_accum=2",
          "train.resume=auto")

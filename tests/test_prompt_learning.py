@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_args
+from conftest import crash_during, finetune_args, step_losses
 
 from lmforge.core.errors import ConfigError
 from lmforge.model import PRESETS, KVCache, Transformer
@@ -377,26 +377,10 @@ def test_finetune_refuses_packing_and_merge(sft_base, tmp_path, capsys):
 def test_resume_reproduces_losses(method, extra, sft_base, tmp_path, monkeypatch):
     """Crash in step 5 after the step-4 checkpoint (adapter + encoder), resume, compare every step's loss."""
     from lmforge.cli import main
-    from lmforge.train.metrics import read_metrics
 
     extra = (f"finetune.method={method}", "train.max_steps=6", "train.save_every=2", *extra)
     assert main(_cli_args(sft_base, tmp_path / "full", *extra)) == 0
-    real, calls = run_module.causal_lm_loss, {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise SystemExit("simulated crash")
-        return real(model, batch)
-
-    monkeypatch.setattr(run_module, "causal_lm_loss", dying_loss)
-    with pytest.raises(SystemExit):
-        main(_cli_args(sft_base, tmp_path / "crashed", *extra))
-    monkeypatch.setattr(run_module, "causal_lm_loss", real)
+    crash_during(monkeypatch, "lmforge.finetune.run", 5, lambda: main(_cli_args(sft_base, tmp_path / "crashed", *extra)))
     assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text().strip() == "step-4"
     assert main(_cli_args(sft_base, tmp_path / "crashed", *extra, "train.resume=auto")) == 0
-
-    def losses(run_dir):
-        return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-    assert losses(tmp_path / "crashed") == losses(tmp_path / "full")
+    assert step_losses(tmp_path / "crashed") == step_losses(tmp_path / "full")

@@ -24,7 +24,9 @@ from lmforge.peft.base import AdapterLayer
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 
+from conftest import crash_during, step_losses
 from conftest import finetune_args as _args
+from conftest import redrawn_llama
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -161,16 +163,7 @@ def test_linear4bit_forward_backward_dtypes_and_state_dict():
 
 # ----- QLoRA ----------------------------------------------------------------------------------------------
 def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-    model = Transformer(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model.eval()
+    return redrawn_llama(VOCAB, 64, 96, seed, std=0.1)
 
 
 def qlora_model(seed: int = 0, **cfg) -> Transformer:
@@ -274,27 +267,12 @@ def test_qlora_finetune_cli_run(base, tmp_path):  # noqa: F811
 def test_qlora_resume_reproduces_losses(base, tmp_path, monkeypatch):  # noqa: F811
     """Checkpoints of a QLoRA run hold only the adapter; after a crash in step 3, resuming from step 2 onto
     the re-quantised base reproduces the uninterrupted run's losses exactly."""
-    import importlib
-
     from lmforge.config import load_config
     from lmforge.finetune import Config, run
-    from lmforge.train.metrics import read_metrics
 
-    run_module = importlib.import_module("lmforge.finetune.run")
     extra = ("finetune.method=qlora", "finetune.r=4", "train.max_steps=4", "train.save_every=2")
     run(load_config(Config, None, _args(base, tmp_path / "full", *extra)))
-    real, calls = run_module.causal_lm_loss, {"n": 0}
-
-    def dying_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise SystemExit("simulated crash")
-        return real(model, batch)
-
-    monkeypatch.setattr(run_module, "causal_lm_loss", dying_loss)
-    with pytest.raises(SystemExit):
-        run(load_config(Config, None, _args(base, tmp_path / "cut", *extra)))
-    monkeypatch.setattr(run_module, "causal_lm_loss", real)
+    crash_during(monkeypatch, "lmforge.finetune.run", 3,
+                 lambda: run(load_config(Config, None, _args(base, tmp_path / "cut", *extra))))
     run(load_config(Config, None, _args(base, tmp_path / "cut", *extra, "train.resume=auto")))
-    losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}  # noqa: E731
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 4
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full") and len(step_losses(tmp_path / "full")) == 4

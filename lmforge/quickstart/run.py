@@ -6,18 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import build_config
 from ..core.errors import ConfigError
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "quickstart"
+from .stages import eval_stage, finetune_stage, load_recipe, serve_stage
 
 
 def recipe(name: str, out_dir: str, cls: type, overrides: list[str] | None = None):
-    """Load recipes/quickstart/<name>.yaml with its runs/quickstart paths moved under out_dir."""
-    text = (RECIPES / f"{name}.yaml").read_text(encoding="utf-8").replace("runs/quickstart", out_dir.rstrip("/"))
-    return build_config(cls, yaml.safe_load(text) or {}, overrides)
+    """recipes/quickstart/<name>.yaml with its runs/quickstart paths moved under out_dir."""
+    return load_recipe(f"quickstart/{name}.yaml", out_dir, cls, overrides)
 
 
 def run(cfg) -> dict[str, Any]:
@@ -35,7 +30,6 @@ def run(cfg) -> dict[str, Any]:
     from ..pretrain import run as pretrain
     from .recall import cloze_prompts, fact_recall
     from .report import write_report
-    from .stages import eval_stage, finetune_stage, serve_stage
 
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()):
