@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (CONTAMINATION, cpu_name, cpu_ticks, make_batches, model_config,  # noqa: E402
+from train_throughput import (CONTAMINATION, add_shape_args, cpu_name, cpu_ticks, make_batches, model_config,  # noqa: E402
                               others_cores, train_config)
 
 CONFIGS = ("full", "lora", "qlora", "hf-lora")
@@ -50,14 +50,7 @@ RANK, ALPHA = 16, 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=None, help="default: = heads (MHA)")
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    add_shape_args(p)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")

@@ -50,8 +50,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONTAMINATION = 0.1  # cores' worth of other processes' CPU time during a step that makes it unusable
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape and batch (the 33.7M Llama both training benchmarks use by default)."""
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_args(p)
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds (HF, ours) per precision")
