@@ -22,4 +22,9 @@ constraints=$(mktemp)
 echo "torch==${torch_version}" > "$constraints"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c "$constraints" -e ".${extras}"
 rm -f "$constraints"
+# lm-eval 0.4 has no plugin lookup for model types: a one-line .pth registers "lmforge" lazily, so plain
+# `lm_eval --model lmforge ...` works (see lmforge/_lm_eval_hook.py).
+if .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("lm_eval") is None)'; then
+  .venv/bin/python -m lmforge._lm_eval_hook install >/dev/null
+fi
 echo "lmforge installed in .venv (torch ${torch_version})"

@@ -249,13 +249,34 @@ def test_model_args_are_checked(model_dir):
     assert lm.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
 
 
+def _plain_lm_eval_command(tmp_path: Path) -> list[str]:
+    """`lm_eval` itself. scripts/setup.sh puts the startup hook's .pth into site-packages; where it is missing
+    (a plain `pip install`), the same .pth is read from a temporary site directory, as the interpreter would."""
+    from lmforge import _lm_eval_hook
+
+    lm_eval_bin = Path(sys.executable).with_name("lm_eval")
+    if (_lm_eval_hook.site_packages() / _lm_eval_hook.PTH_NAME).exists() and lm_eval_bin.exists():
+        return [str(lm_eval_bin)]
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    _lm_eval_hook.write_pth(site_dir)
+    code = (f"import site, sys; site.addsitedir({str(site_dir)!r}); sys.argv[0] = 'lm_eval'; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    return [sys.executable, "-c", code]
+
+
 @pytest.mark.slow
-def test_python_m_launcher_runs_lm_eval_cli(model_dir, mc_task, tmp_path):
+@pytest.mark.parametrize("how", ["lm_eval", "python -m launcher"])
+def test_lm_eval_cli_with_model_lmforge(how, model_dir, mc_task, lm_eval_results, tmp_path):
+    """`lm_eval --model lmforge --model_args pretrained=DIR` (plain lm-eval CLI, registered by the startup
+    hook) and the `python -m` launcher give the in-process simple_evaluate accuracy."""
     root, questions = mc_task
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "results"
+    command = (_plain_lm_eval_command(tmp_path) if how == "lm_eval"
+               else [sys.executable, "-m", "lmforge.eval.lm_eval_adapter"])
     proc = subprocess.run(
-        [sys.executable, "-m", "lmforge.eval.lm_eval_adapter", "--model", "lmforge",
+        [*command, "--model", "lmforge",
          "--model_args", f"pretrained={model_dir},dtype=float32", "--tasks", TASK, "--include_path", str(root),
          "--device", "cpu", "--batch_size", "4", "--output_path", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -263,4 +284,24 @@ def test_python_m_launcher_runs_lm_eval_cli(model_dir, mc_task, tmp_path):
     files = list(out.rglob("results_*.json"))
     assert files, proc.stdout[-2000:]
     acc = json.loads(files[0].read_text())["results"][TASK]["acc,none"]
-    assert 0 <= acc <= 1 and math.isfinite(acc)
+    assert acc == pytest.approx(lm_eval_results["results"][TASK]["acc,none"], abs=1e-9)
+
+
+def test_startup_hook_registers_lazily_and_only_once(tmp_path):
+    """The hook imports nothing of lmforge's eval code until lm_eval asks for the model, and is idempotent."""
+    from lmforge import _lm_eval_hook
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    _lm_eval_hook.write_pth(site_dir)
+    assert (site_dir / _lm_eval_hook.PTH_NAME).read_text() == _lm_eval_hook.PTH_LINE
+    code = (f"import site, sys; site.addsitedir({str(site_dir)!r}); site.addsitedir({str(site_dir)!r}); "
+            "from lmforge import _lm_eval_hook as h; "
+            "assert sum(isinstance(f, h._AfterImport) for f in sys.meta_path) == 1; "
+            "from lm_eval.api.registry import get_model, model_registry; "
+            "assert 'lmforge.eval.lm_eval_adapter' not in sys.modules; "
+            "cls = get_model('lmforge'); assert 'hf' in model_registry; "
+            "print(cls.__module__, cls.__name__, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[:2] == ["lmforge.eval.lm_eval_adapter", "LMForgeLM"]

@@ -1,20 +1,18 @@
 """lmforge models inside EleutherAI's lm-evaluation-harness (`lm_eval`): the model type "lmforge".
 
-    python -m lmforge.eval.lm_eval_adapter --model lmforge \\
+    lm_eval --model lmforge \\
         --model_args pretrained=runs/pretrain/model,adapter=runs/sft/adapter,dtype=float32,batch_size=8 \\
         --tasks hellaswag --device cpu
-    lmforge-lm-eval ...            # the same, as an installed console script
+    python -m lmforge.eval.lm_eval_adapter ...   # the same without the startup hook (or: lmforge-lm-eval ...)
 
 From Python: `import lmforge.eval.lm_eval_adapter` registers the model, then
 `lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=DIR", tasks=[...])`, or pass an instance:
 `simple_evaluate(model=LMForgeLM(model=m, tokenizer=tok), ...)`.
 
-Why a launcher: lm_eval 0.4.13 finds models only in its own registry, which our class joins when this module
-is imported; its CLI imports nothing of ours, and it reads no entry points and no `--include_path` for models
-(that flag is for task YAMLs). The launcher imports this module and hands the arguments to lm_eval's own
-CLI (`lm_eval.__main__.cli_evaluate`), so every lm_eval flag works. pyproject.toml also declares the
-entry point `lm_eval.models: lmforge`, the group newer lm-eval releases scan for model plugins; with those,
-plain `lm_eval --model lmforge` would work too (not testable with 0.4.13).
+Plain `lm_eval --model lmforge ...` works once the startup hook is installed (scripts/setup.sh does it; see
+lmforge/_lm_eval_hook.py): lm_eval 0.4.x finds models only in its own registry and reads no entry points, so
+the hook registers "lmforge" lazily right after `lm_eval.models` loads. The launcher above works without it.
+pyproject.toml also declares the entry point `lm_eval.models: lmforge` for releases that scan that group.
 
 model_args: `pretrained` (model directory, required unless `model`/`tokenizer` objects are given),
 `adapter` (PEFT adapter directory; its tokenizer is used when it holds one), `dtype` (auto | float32 | bfloat16 | float16), `batch_size` (sequences
@@ -74,7 +72,6 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"lmforge lm_eval model_args: {name}={value!r} is not true/false")
 
 
-@register_model("lmforge")
 class LMForgeLM(LM):
     """An lmforge model (+ optional PEFT adapter) as an lm_eval `LM` (see the module docstring)."""
 
@@ -265,4 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as `python -m`: this file is `__main__`, so import it under its real name, whose import registers
+    # the class (the name the startup hook's lazy entry points at).
+    from lmforge.eval.lm_eval_adapter import main as _main
+
+    raise SystemExit(_main())
+else:
+    register_model("lmforge")(LMForgeLM)
