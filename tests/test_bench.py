@@ -7,7 +7,7 @@ from lmforge.cli import main
 
 TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--intermediate_size", "64",
         "--vocab_size", "128", "--prompt_tokens", "8", "--new_tokens", "6", "--rounds", "1", "--bandwidth_mb", "16",
-        "--threads", "1"]
+        "--threads", "1", "--compile", "false"]
 
 
 def test_bench_lists_its_subcommands_and_rejects_unknown_ones(capsys):

@@ -80,3 +80,61 @@ def test_left_pad_aligns_prompts_right():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def _rope_model(dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(1)
+    config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, eos_token_id=3)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)
+    return model.to(dtype)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """generate(compile=True): the torch.compile'd static-shape step (mask over the whole capacity, write
+    slot as a tensor) decodes the same greedy tokens as the eager path, left padding included; a second
+    call reuses the graph; a weight change recompiles instead of using stale frozen weights."""
+    from lmforge.infer import compiled
+
+    model = _rope_model()
+    eager = generate(model, PROMPTS, max_new_tokens=12)
+    assert generate(model, PROMPTS, max_new_tokens=12, compile=True) == eager
+    step = model._compiled_decode[1]
+    assert generate(model, PROMPTS[:1] * 3, max_new_tokens=5, compile=True) == \
+        generate(model, PROMPTS[:1] * 3, max_new_tokens=5)
+    assert generate(model, PROMPTS, max_new_tokens=12, compile=True) == eager
+    assert model._compiled_decode[1] is step
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    flipped = generate(model, PROMPTS, max_new_tokens=12)
+    assert flipped != eager
+    assert generate(model, PROMPTS, max_new_tokens=12, compile=True) == flipped
+    assert compiled.compiled_capacity(1) == compiled.compiled_capacity(256) == 256
+
+
+def test_compile_refuses_what_the_static_step_does_not_model(model):
+    from lmforge.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sliding-window"):
+        generate(model, PROMPTS, max_new_tokens=2, compile=True)
+    with pytest.raises(ConfigError, match="sink_window"):
+        generate(_rope_model(), PROMPTS, max_new_tokens=2, compile=True, sink_window=16)
+
+
+def test_low_precision_decode_attention_is_computed_in_float32():
+    """A bf16 decode step's attention upcasts (faster on CPU, and closer to the fp32 result than bf16 SDPA)."""
+    from lmforge.model.attention import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    upcast = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert upcast.dtype == torch.bfloat16
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.bfloat16().float(), k.bfloat16().float().repeat_interleave(2, 1), v.bfloat16().float().repeat_interleave(2, 1))
+    assert torch.equal(upcast, reference.bfloat16())
+    assert (upcast.float() - exact).abs().max() < 0.02

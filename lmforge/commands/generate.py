@@ -31,6 +31,8 @@ class Config:
     num_sinks: int = opt(4, "with sink_window: the first tokens always kept in the cache")
     num_beams: int = opt(1, "beam search with this many beams (1 = off; deterministic, ignores temperature)")
     length_penalty: float = opt(1.0, "beam search: a finished beam scores sum(log p) / length ** length_penalty")
+    compile: bool = opt(False, "run decode steps through a torch.compile'd graph (first call compiles, ~10 s; "
+                               "needs a C++ compiler; RoPE models)")
 
     def validate(self) -> None:
         speculative = bool(self.draft) or self.prompt_lookup > 0
@@ -40,6 +42,8 @@ class Config:
             raise ConfigError("sink_window cannot be combined with draft/prompt_lookup")
         if self.num_beams > 1 and (speculative or self.sink_window):
             raise ConfigError("num_beams > 1 cannot be combined with draft/prompt_lookup/sink_window")
+        if self.compile and (speculative or self.sink_window or self.num_beams > 1):
+            raise ConfigError("compile applies to plain decoding, not draft/prompt_lookup/sink_window/beams")
         if self.num_beams < 1:
             raise ConfigError(f"num_beams={self.num_beams} must be >= 1")
         if self.num_speculative_tokens < 1:
@@ -89,7 +93,7 @@ def run(cfg: Config) -> list[str]:
     else:
         outputs = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, eos_token_id=stop, seed=cfg.seed, sink_window=cfg.sink_window,
-                           num_sinks=cfg.num_sinks)
+                           num_sinks=cfg.num_sinks, compile=cfg.compile)
     elapsed = time.perf_counter() - started
     texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
     for prompt, text in zip(cfg.prompt, texts):

@@ -43,6 +43,7 @@ class GenerateBenchConfig:
     new_tokens: int = opt(128, "tokens to generate per timed run")
     rounds: int = opt(3, "timed rounds per side (sides alternate); medians are reported")
     hf: bool = opt(True, "also time transformers' generate() on the same weights")
+    compile: bool = opt(True, "also time generate(compile=True): the torch.compile'd decode step (compiles once, ~10 s)")
     speculative: bool = opt(True, "also time speculative decoding (draft model and prompt lookup)")
     draft_layers: int = opt(2, "draft model = the target's first N layers (+ embedding, norm, head)")
     num_speculative_tokens: int = opt(4, "draft tokens per round")
@@ -183,7 +184,7 @@ def run_generate_bench(cfg: GenerateBenchConfig, log=print) -> dict:
             r = results["dtypes"][name] = _bench_dtype(cfg, ours, model_dir, _DTYPES[name], prompt, generate,
                                                        speculative_generate)
             log(f"# {name}: " + ", ".join(f"{side} prefill {r[side]['prefill_tps']:.0f} / decode "
-                                          f"{r[side]['decode_tps']:.1f} tok/s" for side in ("ours", "hf") if side in r)
+                                          f"{r[side]['decode_tps']:.1f} tok/s" for side in _SIDES if side in r)
                 + f"; load average {os.getloadavg()[0]:.1f}")
             del ours
     # Neighbours' load only ever lowers the reading, so take the best of the start and the end.
@@ -194,10 +195,17 @@ def run_generate_bench(cfg: GenerateBenchConfig, log=print) -> dict:
     return results
 
 
+_SIDES = {"hf": "HF", "ours": "ours", "compiled": "ours, compile=True"}
+
+
 def _bench_dtype(cfg, ours, model_dir, dtype, prompt, generate, speculative_generate) -> dict:
     def ours_generate(n: int, clock: _Clock | None = None):
         return generate(ours, prompt, n, on_token=clock.tick if clock else None)
     sides = {"ours": ours_generate}
+    if cfg.compile:
+        def compiled_generate(n: int, clock: _Clock | None = None):
+            return generate(ours, prompt, n, on_token=clock.tick if clock else None, compile=True)
+        sides["compiled"] = compiled_generate
     if cfg.hf:
         hf = _load_hf(model_dir, dtype)
         mask = torch.ones_like(prompt)
@@ -208,7 +216,7 @@ def _bench_dtype(cfg, ours, model_dir, dtype, prompt, generate, speculative_gene
                                    pad_token_id=0, streamer=clock)
         sides["hf"] = hf_generate
     timings = {side: _Timings([], []) for side in sides}
-    for fn in sides.values():  # warm up: allocations, oneDNN primitives, packing
+    for fn in sides.values():  # warm up: allocations, oneDNN primitives, packing, compilation
         fn(2)
     names = list(sides)
     for r in range(cfg.rounds):
@@ -222,6 +230,8 @@ def _bench_dtype(cfg, ours, model_dir, dtype, prompt, generate, speculative_gene
         out[side] = {"prefill_tps": t.prefill_tps(cfg.prompt_tokens), "decode_tps": t.decode_tps(cfg.new_tokens)}
     if "hf" in sides:
         out["hf"]["same_tokens"] = sides["hf"](16)[0, prompt.shape[1]:].tolist() == generate(ours, prompt, 16)[0]
+    if "compiled" in sides:
+        out["compiled"]["same_tokens"] = sides["compiled"](16) == generate(ours, prompt, 16)
     if cfg.speculative:
         out["speculative"] = _bench_speculative(cfg, ours, prompt, generate, speculative_generate)
     return out
@@ -278,13 +288,13 @@ def _print_tables(cfg: GenerateBenchConfig, results: dict, log) -> None:
     log("|---|---|---|---|---|---|---|---|")
     for name, r in results["dtypes"].items():
         hf = r.get("hf")
-        for side in ("hf", "ours"):
+        for side in ("hf", "ours", "compiled"):
             if side not in r:
                 continue
             tps = r[side]["decode_tps"]
             achieved = tps * r["bytes_per_token"]
-            ratio = f"{tps / hf['decode_tps']:.2f}x" if hf and side == "ours" else ("1.00x" if hf else "-")
-            log(f"| {name} | {'HF' if side == 'hf' else 'ours'} | {r[side]['prefill_tps']:.0f} | {tps:.1f} | {ratio} "
+            ratio = f"{tps / hf['decode_tps']:.2f}x" if hf and side != "hf" else ("1.00x" if hf else "-")
+            log(f"| {name} | {_SIDES[side]} | {r[side]['prefill_tps']:.0f} | {tps:.1f} | {ratio} "
                 f"| {r['bytes_per_token'] / 1e6:.0f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} |")
     if cfg.speculative:
         log("")

@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 
+from ..core.errors import ConfigError
 from ..model.kv_cache import KVCache, SinkKVCache, shift_slots
+from .compiled import check_compilable, compiled_capacity, decode_step
 from .sampling import sample
 
 
@@ -41,6 +43,7 @@ def generate(
     num_sinks: int = 4,
     pack_weights: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New tokens per row (up to and including the first EOS; at most max_new_tokens).
 
@@ -49,7 +52,9 @@ def generate(
     the window the output equals the plain cache's. pack_weights gives the model's linears oneDNN's
     packed weight layout on CPU (2x faster batch-1 decode; a second copy of those weights, kept on the
     model for the next call; `lmforge.model.layers.unpack_weights` frees it). on_token, if given, is
-    called with each step's tokens [B] as soon as they are chosen (streaming, timing).
+    called with each step's tokens [B] as soon as they are chosen (streaming, timing). compile=True runs
+    each decode step through a torch.compile'd graph (`lmforge/infer/compiled.py`: the first call of a
+    batch size and capacity compiles; RoPE models without a sliding window or prompt-learning adapter).
     """
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.tolist()
@@ -63,6 +68,10 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     if pack_weights and device.type == "cpu":
         _pack(model)
+    if compile and sink_window > 0:
+        raise ConfigError("compile=True and sink_window cannot be combined (the sink cache moves its slots)")
+    if compile:
+        check_compilable(model)
 
     was_training = model.training
     model.eval()
@@ -71,6 +80,8 @@ def generate(
         capacity = sink_window
     else:  # + the slots a prompt-learning adapter (prefix, prompt, P-tuning) puts before the prompt
         capacity = int(getattr(model, "num_virtual_tokens", 0)) + prompt_len + max_new_tokens
+        if compile:
+            capacity = compiled_capacity(capacity)
         kv_cache = KVCache.for_model(model, batch, capacity)
     padded = not bool(attention_mask.all())
     full_mask = torch.ones((batch, capacity), dtype=torch.long, device=device)
@@ -83,6 +94,9 @@ def generate(
 
             preload_cache(model, kv_cache, batch)
         logits = _prefill(model, kv_cache, input_ids, attention_mask, full_mask, padded, sink_window > 0)
+        forward = _forward
+        if compile:
+            forward = _CompiledForward(model, full_mask)
         for step in range(max_new_tokens):
             next_token = sample(logits, temperature, top_k, top_p, generator)
             out[:, step] = next_token
@@ -94,7 +108,7 @@ def generate(
                 if bool(done.all()):
                     break
             if step + 1 < max_new_tokens:
-                logits = _forward(model, kv_cache, next_token[:, None], full_mask, padded, sink_window > 0)
+                logits = forward(model, kv_cache, next_token[:, None], full_mask, padded, sink_window > 0)
     finally:
         model.train(was_training)
     return [_until_eos(row, eos_token_id) for row in out[:, :steps].tolist()]
@@ -120,6 +134,28 @@ def _forward(model: torch.nn.Module, kv_cache: KVCache, tokens: torch.Tensor, fu
     mask = full_mask[:, :kv_cache.length + tokens.shape[1]] if padded else None
     hidden = model.hidden_states(tokens, attention_mask=mask, kv_cache=kv_cache, position_ids=position_ids)
     return model.lm_head(hidden[:, -1])
+
+
+class _CompiledForward:
+    """`_forward` for one new token per row through the compiled step: positions, the write slot and
+    the mask over the whole capacity are made here, eagerly (a few tiny ops), so the graph is static."""
+
+    def __init__(self, model: torch.nn.Module, full_mask: torch.Tensor):
+        self.step = decode_step(model)
+        self.full_mask = full_mask.bool()
+        self.slots = torch.arange(full_mask.shape[1], device=full_mask.device)
+
+    def __call__(self, model, kv_cache: KVCache, tokens: torch.Tensor, full_mask, padded: bool, sinks: bool):
+        length = kv_cache.length
+        if padded:
+            positions = full_mask[:, :length + 1].sum(-1, keepdim=True) - 1
+        else:
+            positions = torch.full((tokens.shape[0], 1), length, dtype=torch.long, device=tokens.device)
+        mask = (self.full_mask & (self.slots <= length))[:, None, None]
+        slot = self.slots[length:length + 1]
+        logits = self.step(tokens, positions, slot, mask, kv_cache.keys, kv_cache.values)
+        kv_cache.advance(1)
+        return logits
 
 
 def _prefill(model: torch.nn.Module, kv_cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,

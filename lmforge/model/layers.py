@@ -109,7 +109,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
-        if packed is not None:
+        if packed is not None and torch.compiler.is_compiling():
+            # Traced by the compiled decode step: freshness was checked eagerly by pack_weights() just
+            # before (data pointers cannot be traced); a re-pack makes new tensors, so a recompile.
+            if _usable_packed(x, packed[0][2], False):
+                return _ONEDNN_LINEAR(x, packed[1], self.bias, "none", [], "")
+        elif packed is not None:
             if packed[0] != _weight_key(self.weight):
                 self._packed = None  # the weight changed since pack(): drop the stale copy
             elif (x.dtype == packed[0][2] and type(x) is torch.Tensor and x.device.type == "cpu"
@@ -164,7 +169,7 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor] | None:
         if not _usable_packed(x, self.dtype, any(m.weight.requires_grad for m in self.linears)) \
-                or not self.valid(linears):
+                or not (torch.compiler.is_compiling() or self.valid(linears)):  # see Linear.forward
             return None
         return list(_ONEDNN_LINEAR(x, self.packed, self.bias, "none", [], "").split(self.sizes, dim=-1))
 
