@@ -55,7 +55,8 @@ def bench_ours(model_dir: Path, args) -> dict:
     try:
         wait_healthy(url, proc)
         cfg = Config(url=url, num_requests=args.requests, arrival="burst", concurrency=args.concurrency,
-                     prompt_len=args.prompt_len, output_len=args.output_len, length_dist="fixed", ignore_eos=True)
+                     prompt_len=args.prompt_len, output_len=args.output_len, length_dist="fixed", ignore_eos=True,
+                     tokenizer=str(model_dir))  # prompts of exactly prompt_len tokens, as on the HF side
         run_bench_serve(Config(url=url, num_requests=2, arrival="burst", concurrency=2, prompt_len=8,
                                output_len=4, length_dist="fixed"))  # warm-up
         summary = run_bench_serve(cfg)
@@ -71,17 +72,16 @@ def bench_hf(model_dir: Path, args) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.serve.loadgen import prompt_encoder, make_prompt
 
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    tok = Tokenizer.from_pretrained(model_dir)
+    encode = prompt_encoder(str(model_dir))
     rng = random.Random(0)
-    words = ["the", "city", "river", "company", "people", "year", "market", "north", "museum", "garden"]
     tokens, started = 0, time.perf_counter()
     for _ in range(args.hf_requests):
-        ids = tok.encode(" ".join(rng.choice(words) for _ in range(args.prompt_len)))[:args.prompt_len]
+        ids = make_prompt(rng, args.prompt_len, encode)  # the load generator's prompts: prompt_len tokens
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.output_len, min_new_tokens=args.output_len,
                                  do_sample=False, pad_token_id=0)

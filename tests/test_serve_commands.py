@@ -129,3 +129,27 @@ def test_loadgen_against_the_server(arrival, endpoint, tmp_path):
     assert summary["config"]["model"] == "tiny"
     assert (tmp_path / "bench.json").is_file()
     assert "TTFT" in loadgen.format_summary(summary)
+
+
+def test_loadgen_token_prompts_have_exactly_prompt_len_tokens(tmp_path):
+    """With `tokenizer`, prompts are token ids of exactly the drawn length, so a benchmark compares the
+    server and a baseline on the same prompt lengths (words are often several tokens each)."""
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    encode = loadgen.prompt_encoder(str(tmp_path / "tok"))
+    rng = random.Random(0)
+    for length in (1, 7, 40):
+        prompt = loadgen.make_prompt(rng, length, encode)
+        assert isinstance(prompt, list) and len(prompt) == length
+    words = loadgen.make_prompt(random.Random(0), 40)
+    assert len(encode(words)) > 40  # why the option exists: 40 words are more than 40 tokens here
+    with pytest.raises(ConfigError, match="completions"):
+        loadgen.Config(tokenizer=str(tmp_path / "tok"), endpoint="chat").validate()
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        loadgen.prompt_encoder(str(tmp_path / "missing"))
+    engine = LLMEngine(random_model(tok), tok, max_num_seqs=4, block_size=8, max_num_batched_tokens=128)
+    with ServerThread(create_app(engine, tok, "tiny")) as server:
+        summary = loadgen.run_bench_serve(loadgen.Config(
+            url=server.url, num_requests=3, arrival="burst", concurrency=3, prompt_len=9, output_len=4,
+            length_dist="fixed", tokenizer=str(tmp_path / "tok")))
+    assert summary["completed"] == 3 and summary["prompt_tokens"] == 27

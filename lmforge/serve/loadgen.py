@@ -39,7 +39,7 @@ class Config:
     arrival: str = opt("poisson", "poisson (exponential gaps at request_rate) | burst (all at once)")
     request_rate: float = opt(4.0, "mean requests per second for poisson arrivals")
     concurrency: int = opt(16, "most requests in flight at once (0 = no limit)")
-    prompt_len: int = opt(64, "mean prompt length in words (≈ tokens)")
+    prompt_len: int = opt(64, "mean prompt length: in tokens with `tokenizer`, else in words (often 1-3 tokens each)")
     output_len: int = opt(64, "mean output length in tokens (max_tokens of each request)")
     length_dist: str = opt("uniform", "fixed | uniform (mean × [1 − spread, 1 + spread]) | normal "
                                       "(sd = spread × mean)")
@@ -49,6 +49,8 @@ class Config:
     seed: int = opt(0, "seed of the arrival times and lengths")
     timeout: float = opt(600.0, "seconds one request may take")
     output: str = opt("", "write the result JSON to this file (empty: do not write)")
+    tokenizer: str = opt("", "the served model's tokenizer (directory or tokenizer.json): prompts are cut to "
+                             "exactly prompt_len tokens and sent as token ids (completions endpoint)")
 
     def validate(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -62,6 +64,8 @@ class Config:
                 raise ConfigError(f"bench.{key}={getattr(self, key)} must be >= 1")
         if self.arrival == "poisson" and self.request_rate <= 0:
             raise ConfigError(f"bench.request_rate={self.request_rate} must be > 0 for poisson arrivals")
+        if self.tokenizer and self.endpoint != "completions":
+            raise ConfigError("bench.tokenizer sends token-id prompts, which only the completions endpoint takes")
         if self.concurrency < 0 or self.length_spread < 0:
             raise ConfigError("bench.concurrency and bench.length_spread must be >= 0")
 
@@ -85,7 +89,32 @@ def draw_length(rng: random.Random, mean: int, dist: str, spread: float) -> int:
     return max(1, round(rng.gauss(mean, spread * mean)))
 
 
-def _body(cfg: Config, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+def prompt_encoder(path: str):
+    """`encode(text) -> ids` of a tokenizer.json (no special tokens), or None without a tokenizer."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"bench.tokenizer={path!r}: no tokenizer.json there")
+    tokenizer = Tokenizer.from_file(str(file))
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def make_prompt(rng: random.Random, length: int, encode=None) -> str | list[int]:
+    """`length` random words, or with `encode` exactly `length` tokens of them (token ids)."""
+    if encode is None:
+        return " ".join(rng.choice(_WORDS) for _ in range(length))
+    ids: list[int] = []
+    while len(ids) < length:
+        ids.extend(encode(" " + " ".join(rng.choice(_WORDS) for _ in range(length))))
+    return ids[:length]
+
+
+def _body(cfg: Config, model: str, prompt: str | list[int], max_tokens: int) -> tuple[str, dict]:
     common = {"model": model, "max_tokens": max_tokens, "temperature": cfg.temperature, "stream": True,
               "stream_options": {"include_usage": True}, "ignore_eos": cfg.ignore_eos}
     if cfg.endpoint == "chat":
@@ -93,7 +122,7 @@ def _body(cfg: Config, model: str, prompt: str, max_tokens: int) -> tuple[str, d
     return "/v1/completions", {**common, "prompt": prompt}
 
 
-async def _one(client, cfg: Config, model: str, prompt: str, max_tokens: int) -> RequestResult:
+async def _one(client, cfg: Config, model: str, prompt: str | list[int], max_tokens: int) -> RequestResult:
     path, body = _body(cfg, model, prompt, max_tokens)
     result = RequestResult(ok=False)
     started = time.perf_counter()
@@ -182,16 +211,16 @@ async def bench(cfg: Config) -> dict:
             model = listing["data"][0]["id"]
         plan = []
         at = 0.0
+        encode = prompt_encoder(cfg.tokenizer)
         for _ in range(cfg.num_requests):
-            words = draw_length(rng, cfg.prompt_len, cfg.length_dist, cfg.length_spread)
-            prompt = " ".join(rng.choice(_WORDS) for _ in range(words))
+            prompt = make_prompt(rng, draw_length(rng, cfg.prompt_len, cfg.length_dist, cfg.length_spread), encode)
             plan.append((at, prompt, draw_length(rng, cfg.output_len, cfg.length_dist, cfg.length_spread)))
             if cfg.arrival == "poisson":
                 at += rng.expovariate(cfg.request_rate)
         gate = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
         started = time.perf_counter()
 
-        async def scheduled(at: float, prompt: str, max_tokens: int) -> RequestResult:
+        async def scheduled(at: float, prompt: str | list[int], max_tokens: int) -> RequestResult:
             await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
             if gate is None:
                 return await _one(client, cfg, model, prompt, max_tokens)
