@@ -170,6 +170,20 @@ def test_regex_outputs_fullmatch(model, tokenizer, temperature):
             assert re.fullmatch(regex, completion.text), (regex, completion.text)
 
 
+def test_lark_grammar_with_an_embedded_json_schema(model, tokenizer):
+    """SamplingParams.grammar (Lark, llguidance's dialect): text around JSON, as the server's forced tool calls."""
+    grammar = ('start: "<call>" body "</call>" | "no call"\n'
+               'body: %json {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, '
+               '"maximum": 9}}, "required": ["n"], "additionalProperties": false}\n')
+    engine = _engine(model, tokenizer)
+    params = SamplingParams(temperature=1.0, seed=3, n=6, max_tokens=80, grammar=grammar)
+    for text, reason in _texts(engine.generate(["z"], params)):
+        assert reason == "stop", text
+        if text != "no call":
+            match = re.fullmatch(r"<call>(.*)</call>", text, re.DOTALL)
+            assert match and 0 <= json.loads(match.group(1))["n"] <= 9, text
+
+
 def test_unconstrained_requests_are_unchanged_by_constrained_neighbours(model, tokenizer):
     free = [SamplingParams(temperature=0.0, max_tokens=30), SamplingParams(temperature=0.9, seed=4, max_tokens=30),
             SamplingParams(temperature=0.8, top_p=0.9, seed=7, n=2, max_tokens=30)]
@@ -237,7 +251,9 @@ def test_bad_constraints_are_refused_with_the_field_named(model, tokenizer, monk
         (SamplingParams(json_schema={"type": "no-such-type"}), "SamplingParams.json_schema"),
         (SamplingParams(json_schema=["not", "a", "dict"]), "SamplingParams.json_schema"),
         (SamplingParams(regex=""), "SamplingParams.regex"),
-        (SamplingParams(regex="a", json_schema={"type": "string"}), "not both"),
+        (SamplingParams(regex="a", json_schema={"type": "string"}), "set one of"),
+        (SamplingParams(grammar="start: (unclosed"), "SamplingParams.grammar"),
+        (SamplingParams(grammar="start: \"a\"", regex="a"), "set one of"),
     ]
     for params, expected in cases:
         with pytest.raises(ConfigError, match=re.escape(expected)):

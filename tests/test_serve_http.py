@@ -274,3 +274,46 @@ def test_response_format(served):
     bad_schema = {**body, "response_format": {"type": "json_schema",
                                               "json_schema": {"name": "r", "schema": {"type": "no-such-type"}}}}
     assert client.post("/v1/chat/completions", json=bad_schema).status_code == 400
+
+
+def test_forced_tool_choice_is_grammar_enforced(tok):
+    """tool_choice "required" / a named function: even a random model answers with calls that parse, name
+    an offered tool (the named one) and follow its parameter schema, streamed or not."""
+    engine = LLMEngine(random_model(tok, max_len=1024), tok, max_num_seqs=4, block_size=8,
+                       max_num_batched_tokens=256)
+    with ServerThread(create_app(engine, tok, "tiny")) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        _forced_tool_calls(client)
+
+
+def _forced_tool_calls(client: httpx.Client) -> None:
+    city = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"],
+                 "additionalProperties": False}}}]
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": tools, "max_tokens": 120,
+            "temperature": 0.8}
+    for seed in range(3):
+        named = {**body, "seed": seed, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+        choice = client.post("/v1/chat/completions", json=named).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_time"
+        assert isinstance(json.loads(call["function"]["arguments"])["utc"], bool)
+        required = client.post("/v1/chat/completions", json={**body, "seed": seed, "tool_choice": "required"})
+        calls = required.json()["choices"][0]["message"]["tool_calls"]
+        assert calls and all(c["function"]["name"] in ("get_weather", "get_time") for c in calls)
+        for c in calls:
+            args = json.loads(c["function"]["arguments"])
+            assert args in ({"city": "Paris"}, {"city": "Oslo"}) or isinstance(args.get("utc"), bool)
+    lines = client.post("/v1/chat/completions", json={**body, "stream": True, "tool_choice": "required"}).text
+    events = [json.loads(line[6:]) for line in lines.splitlines() if line.startswith("data: {")]
+    deltas = [tc for e in events for c in e["choices"] for tc in (c["delta"].get("tool_calls") or [])]
+    assert deltas and events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not "".join(c["delta"].get("content") or "" for e in events for c in e["choices"]).strip()
+    clash = {**body, "tool_choice": "required", "response_format": {"type": "json_object"}}
+    assert _error(client.post("/v1/chat/completions", json=clash), 400)["param"] == "tool_choice"
+    free = client.post("/v1/chat/completions", json={**body, "tool_choice": "auto", "max_tokens": 8})
+    assert free.status_code == 200  # optional calls stay unconstrained

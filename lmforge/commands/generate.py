@@ -99,7 +99,8 @@ def run(cfg: Config) -> list[str]:
     for prompt, text in zip(cfg.prompt, texts):
         print(f"{prompt}\u2192{text}" if not cfg.chat else f"user: {prompt}\nassistant: {text}")
     new_tokens = sum(len(o) for o in outputs)
-    print(f"[{new_tokens} tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s]")
+    note = "; includes compiling the decode step" if cfg.compile else ""
+    print(f"[{new_tokens} tokens in {elapsed:.2f}s: {new_tokens / max(elapsed, 1e-9):.1f} tokens/s{note}]")
     if stats is not None:
         print(f"[speculative: {stats.accepted}/{stats.proposed} proposals accepted ({stats.acceptance_rate:.0%}), "
               f"{stats.tokens_per_target_forward:.2f} tokens per target forward]")

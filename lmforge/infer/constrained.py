@@ -1,4 +1,6 @@
-"""Constrained decoding: make every generated text match a JSON schema or a regular expression.
+"""Constrained decoding: make every generated text match a JSON schema, a regular expression or a grammar
+(Lark syntax in llguidance's dialect, which can embed JSON schemas with `%json {...}`: the server forces
+tool calls with one).
 
 How. A grammar library (llguidance) turns the schema/regex into a grammar and, for each sequence, keeps
 a *matcher*: a parser fed with the tokens generated so far. Before each sampling step the matcher gives
@@ -45,47 +47,58 @@ def _llguidance(field: str):
     return llguidance
 
 
-def constraint_field(json_schema: dict | None, regex: str | None) -> str | None:
-    """Which SamplingParams field asks for a constraint ("json_schema", "regex" or None)."""
-    return "json_schema" if json_schema is not None else "regex" if regex is not None else None
+FIELDS = ("json_schema", "regex", "grammar")
 
 
-def check_constraint(json_schema: Any, regex: Any) -> None:
+def constraint_field(json_schema: dict | None, regex: str | None, grammar: str | None = None) -> str | None:
+    """Which SamplingParams field asks for a constraint ("json_schema", "regex", "grammar" or None)."""
+    for field, value in zip(FIELDS, (json_schema, regex, grammar)):
+        if value is not None:
+            return field
+    return None
+
+
+def check_constraint(json_schema: Any, regex: Any, grammar: Any = None) -> None:
     """Type checks that need no library (ConfigError naming the field)."""
-    if json_schema is not None and regex is not None:
-        raise ConfigError("SamplingParams: set json_schema or regex, not both")
+    given = [f for f, v in zip(FIELDS, (json_schema, regex, grammar)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"SamplingParams: set one of json_schema, regex, grammar; got {', '.join(given)}")
     if json_schema is not None and not isinstance(json_schema, dict):
         raise ConfigError(f"SamplingParams.json_schema must be a JSON schema object (a dict), "
                           f"got {type(json_schema).__name__}")
-    if regex is not None and (not isinstance(regex, str) or not regex):
-        raise ConfigError(f"SamplingParams.regex={regex!r} must be a non-empty string")
+    for field, value in (("regex", regex), ("grammar", grammar)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"SamplingParams.{field}={value!r} must be a non-empty string")
 
 
-def grammar_source(json_schema: dict | None, regex: str | None) -> str:
-    """The llguidance grammar (a string) for a schema or a regex; ConfigError if it cannot be built."""
-    check_constraint(json_schema, regex)
-    field = constraint_field(json_schema, regex)
+def grammar_source(json_schema: dict | None, regex: str | None, grammar: str | None = None) -> str:
+    """The llguidance grammar (a string) for a schema, a regex or a Lark grammar; ConfigError if it
+    cannot be built."""
+    check_constraint(json_schema, regex, grammar)
+    field = constraint_field(json_schema, regex, grammar)
     if field is None:
-        raise ConfigError("SamplingParams: no json_schema or regex to build a grammar from")
+        raise ConfigError("SamplingParams: no json_schema, regex or grammar to build a grammar from")
     llg = _llguidance(field)
-    if field == "regex":
-        return llg.LLMatcher.grammar_from_regex(regex)
     try:
+        if field == "regex":
+            return llg.LLMatcher.grammar_from_regex(regex)
+        if field == "grammar":
+            return llg.LLMatcher.grammar_from_lark(grammar)
         return llg.LLMatcher.grammar_from_json_schema(json_schema, defaults=dict(_JSON_DEFAULTS))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"SamplingParams.json_schema is not a valid JSON schema: {e}") from None
+        raise ConfigError(f"SamplingParams.{field} cannot be used: {e}") from None
 
 
-def validate_constraint(json_schema: dict | None, regex: str | None) -> None:
+def validate_constraint(json_schema: dict | None, regex: str | None, grammar: str | None = None) -> None:
     """Everything about a constraint that can be checked without a tokenizer: types, the library, and
-    whether the schema/regex compiles (ConfigError naming the field). The compile check is cached."""
-    check_constraint(json_schema, regex)
-    field = constraint_field(json_schema, regex)
+    whether the schema/regex/grammar compiles (ConfigError naming the field). The compile check is cached."""
+    check_constraint(json_schema, regex, grammar)
+    field = constraint_field(json_schema, regex, grammar)
     if field is None:
         return
-    error = _grammar_error(grammar_source(json_schema, regex), field)
+    error = _grammar_error(grammar_source(json_schema, regex, grammar), field)
     if error:
-        value = json_schema if field == "json_schema" else regex
+        value = {"json_schema": json_schema, "regex": regex, "grammar": grammar}[field]
         raise ConfigError(f"SamplingParams.{field}={_short(value)} cannot be used: {error}")
 
 
@@ -139,17 +152,18 @@ class GrammarCompiler:
                                                  eos_token=self.eos_ids)
         return self._ll_tokenizer
 
-    def matchers(self, json_schema: dict | None, regex: str | None, count: int) -> list[Any]:
+    def matchers(self, json_schema: dict | None, regex: str | None, count: int,
+                 lark: str | None = None) -> list[Any]:
         """`count` fresh matchers for the constraint; ConfigError naming the field if it is invalid."""
-        grammar = grammar_source(json_schema, regex)
-        field = constraint_field(json_schema, regex)
+        grammar = grammar_source(json_schema, regex, lark)
+        field = constraint_field(json_schema, regex, lark)
         prototype = self._compiled.get(grammar)
         if prototype is None:
             llg = _llguidance(field)
             tokenizer = self._tokenizer_for(field)
             is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
             if is_error:
-                value = json_schema if field == "json_schema" else regex
+                value = {"json_schema": json_schema, "regex": regex, "grammar": lark}[field]
                 raise ConfigError(f"SamplingParams.{field}={_short(value)} cannot be used: {_one_line(messages)}")
             prototype = llg.LLMatcher(tokenizer, grammar, log_level=0)
             if prototype.is_error():

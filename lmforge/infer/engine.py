@@ -72,7 +72,7 @@ import torch
 
 from ..core.errors import ConfigError
 from .block_manager import BlockManager, OutOfBlocksError, num_blocks_for
-from .constrained import GrammarCompiler
+from .constrained import GrammarCompiler, constraint_field
 from .detokenize import IncrementalDetokenizer, TokenBytes
 from .lora import LoraRegistry
 from .paged_cache import PagedKVCache
@@ -196,14 +196,14 @@ class LLMEngine:
         return request_id
 
     def _matchers(self, params: SamplingParams) -> list:
-        """One grammar matcher per sample of a constrained request (ConfigError for a bad schema/regex)."""
-        field = "json_schema" if params.json_schema is not None else "regex"
+        """One grammar matcher per sample of a constrained request (ConfigError for a bad constraint)."""
+        field = constraint_field(params.json_schema, params.regex, params.grammar)
         if self.token_bytes is None:
             raise ConfigError(f"SamplingParams.{field} needs the engine to have a tokenizer")
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.token_bytes, self.config.vocab_size,
                                              self.eos_token_ids)
-        return self._grammars.matchers(params.json_schema, params.regex, params.n)
+        return self._grammars.matchers(params.json_schema, params.regex, params.n, params.grammar)
 
     # ---- LoRA adapters ----------------------------------------------------------------------------------
 

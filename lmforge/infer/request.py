@@ -44,6 +44,7 @@ class SamplingParams:
     top_logprobs: int = 0                  # and of the k most likely tokens at each step
     json_schema: dict | None = None        # constrained decoding: the output is JSON valid under this schema
     regex: str | None = None               # constrained decoding: the whole output matches this regex
+    grammar: str | None = None             # constrained decoding: a Lark grammar (llguidance dialect, %json ok)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,11 +74,11 @@ class SamplingParams:
                                   f"(0..{vocab_size - 1})")
         if any(not s for s in self.stop or []):
             raise ConfigError("SamplingParams.stop: stop strings must be non-empty")
-        validate_constraint(self.json_schema, self.regex)
+        validate_constraint(self.json_schema, self.regex, self.grammar)
 
     @property
     def is_constrained(self) -> bool:
-        return self.json_schema is not None or self.regex is not None
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
     @property
     def is_greedy(self) -> bool:

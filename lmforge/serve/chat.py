@@ -22,7 +22,7 @@ from .params import (
     usage,
 )
 from .protocol import APIError, ChatCompletionRequest
-from .tools import ToolStreamSplitter, active_tools, build_messages, parse_tool_calls
+from .tools import ToolStreamSplitter, active_tools, build_messages, forced_call_grammar, parse_tool_calls
 
 
 def _constraint(req: ChatCompletionRequest) -> dict[str, Any] | None:
@@ -36,6 +36,11 @@ def _constraint(req: ChatCompletionRequest) -> dict[str, Any] | None:
         raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
                        param="response_format.json_schema")
     return {"json_schema": fmt.json_schema.schema_}
+
+
+def _choice_name(req: ChatCompletionRequest) -> str:
+    choice = req.tool_choice
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
 
 
 def _stop_token_ids(ctx: ServeContext) -> list[int]:
@@ -63,8 +68,15 @@ def prepare(ctx: ServeContext, req: ChatCompletionRequest) -> tuple[list[int], A
         raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = check_lengths(ctx, len(ids), requested, default_to_fill=True)
+    constraint = _constraint(req)
+    forced = forced_call_grammar(req, tools)
+    if forced is not None:
+        if constraint is not None:
+            raise APIError(400, f"tool_choice={_choice_name(req)} forces a tool call, which cannot be combined "
+                                "with response_format", param="tool_choice")
+        constraint = {"grammar": forced}
     params = sampling_params(ctx, req, max_tokens, req.logprobs, req.top_logprobs or 0,
-                             _stop_token_ids(ctx), _constraint(req))
+                             _stop_token_ids(ctx), constraint)
     return ids, params, extra, {t["function"]["name"] for t in tools}
 
 

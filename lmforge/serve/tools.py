@@ -12,6 +12,11 @@ The format (the one Qwen2.5 and Hermes models are trained on, so such checkpoint
 
 Text outside the blocks is the message content; a block that is not valid JSON, or names a tool that was
 not offered, stays in the content as text.
+
+`tool_choice: "required"` or a named function is enforced, not only asked for: the reply is decoded under
+a grammar (`forced_call_grammar`) that admits only `<tool_call>` blocks whose JSON names an offered tool
+(the named one) and whose arguments follow that tool's parameter schema — so even a model never trained
+on tools returns a call that parses.
 """
 from __future__ import annotations
 
@@ -68,6 +73,24 @@ def active_tools(request: ChatCompletionRequest) -> list[dict[str, Any]]:
             raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not in tools",
                            param="tool_choice")
     return tools
+
+
+def forced_call_grammar(request: ChatCompletionRequest, tools: list[dict[str, Any]]) -> str | None:
+    """A Lark grammar (llguidance dialect) for replies that must call a tool, or None when the call is
+    optional. Named function: exactly one call of it; "required": one or more calls of offered tools."""
+    choice = request.tool_choice
+    if not tools or choice is None or choice in ("auto", "none"):
+        return None
+    variants = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                 "properties": {"name": {"const": t["function"]["name"]},
+                                "arguments": t["function"].get("parameters") or {"type": "object"}}}
+                for t in tools]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON, as response_format
+    calls = "call" if choice != "required" else 'call ("\\n" call)*'
+    return (f"start: {calls}\n"
+            f'call: "{TOOL_CALL_OPEN}" body "{TOOL_CALL_CLOSE}"\n'
+            f"body: %json {json.dumps(schema, ensure_ascii=False)}\n")
 
 
 def _tool_instruction(request: ChatCompletionRequest) -> str:
