@@ -76,3 +76,40 @@ def test_serve_command_loads_loras(setup, tmp_path):
                                max_num_batched_tokens=64, block_size=8)
     app, name, _ = serve_command.build_app(cfg)
     assert app.state.ctx.models.names() == ["model", "sql"]
+
+
+def test_load_and_unload_adapters_at_runtime(setup, tmp_path):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's API), only when enabled: a loaded
+    adapter is a model at once and answers like the merged model; bad paths, duplicate names and unknown
+    adapters are clear 4xx; without the flag the routes do not exist."""
+    import httpx
+
+    tok, base, adapter_dir = setup
+    merged_text = _greedy_text(merge_and_unload(load_adapter(copy.deepcopy(base), adapter_dir)), tok, "the cat sat")
+    body = {"prompt": "the cat sat", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    engine = LLMEngine(copy.deepcopy(base), tok, max_num_seqs=4, block_size=8, max_num_batched_tokens=64)
+    with ServerThread(create_app(engine, tok, "tiny", allow_runtime_lora=True)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/v1/completions", json={**body, "model": "sql"}).status_code == 404
+        loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": adapter_dir})
+        assert loaded.status_code == 200 and loaded.json()["status"] == "loaded"
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"tiny", "sql"}
+        reply = client.post("/v1/completions", json={**body, "model": "sql"}).json()
+        assert reply["choices"][0]["text"] == merged_text
+        for bad, param in (({"lora_name": "sql", "lora_path": adapter_dir}, "lora_name"),
+                           ({"lora_name": "tiny", "lora_path": adapter_dir}, "lora_name"),
+                           ({"lora_name": "x", "lora_path": str(tmp_path / "missing")}, "lora_path"),
+                           ({"lora_name": "x", "lora_path": str(tmp_path)}, "lora_path")):
+            response = client.post("/v1/load_lora_adapter", json=bad)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x"}).status_code == 400
+        unloaded = client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        assert unloaded.status_code == 200 and unloaded.json()["status"] == "unloaded"
+        assert client.post("/v1/completions", json={**body, "model": "sql"}).status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 404
+        again = client.post("/v1/load_lora_adapter", json={"lora_name": "sql2", "lora_path": adapter_dir})
+        assert again.status_code == 200
+    with ServerThread(create_app(LLMEngine(copy.deepcopy(base), tok, max_num_seqs=2, block_size=8,
+                                           max_num_batched_tokens=64), tok, "tiny")) as server:
+        response = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": adapter_dir})
+        assert response.status_code == 404

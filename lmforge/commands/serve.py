@@ -26,6 +26,8 @@ class Config:
     dtype: str = opt("auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     lora: list[str] = opt([], "LoRA adapters to serve as extra models: NAME=DIR, comma-separated (or a YAML list)")
+    allow_runtime_lora: bool = opt(False, "add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read "
+                                          "server-side paths: enable only for trusted clients / with an API key)")
     api_key: str = opt("", "require 'Authorization: Bearer KEY' on /v1/* (empty: $LMFORGE_API_KEY, else open)")
     host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
     port: int = opt(8000, "TCP port")
@@ -88,7 +90,9 @@ def build_app(cfg: Config):
             engine.add_lora(name, path)
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     api_key = cfg.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    return create_app(engine, tokenizer, name, api_key=api_key, limits=cfg.limits), name, api_key
+    app = create_app(engine, tokenizer, name, api_key=api_key, limits=cfg.limits,
+                     allow_runtime_lora=cfg.allow_runtime_lora)
+    return app, name, api_key
 
 
 def run(cfg: Config) -> None:

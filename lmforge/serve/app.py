@@ -17,6 +17,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pathlib import Path
+
 import anyio
 import torch
 from fastapi import FastAPI, Request
@@ -24,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..core.errors import LMForgeError
 from ..infer.engine import LLMEngine
 from .async_engine import AsyncLLMEngine, EngineClosedError
 from .chat import create_chat_completion
@@ -31,7 +34,8 @@ from .completions import create_completion
 from .guard import GuardMiddleware, ServeLimits
 from .metrics import ServerMetrics
 from .params import EventStream, ModelRegistry, ServeContext, check_tokens, now
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, LoadLoraRequest,
+                       UnloadLoraRequest, error_body)
 
 
 class SSEResponse(StreamingResponse):
@@ -85,9 +89,11 @@ def _embed(engine: LLMEngine, inputs: list[list[int]]) -> list[list[float]]:
 
 
 def create_app(engine: LLMEngine | AsyncLLMEngine, tokenizer, model_name: str, api_key: str | None = None,
-               limits: ServeLimits | None = None) -> FastAPI:
+               limits: ServeLimits | None = None, allow_runtime_lora: bool = False) -> FastAPI:
     """The app. An `LLMEngine` is wrapped (and owned: shut down with the app); an `AsyncLLMEngine` passed in
-    stays the caller's to shut down, but the app drains it on shutdown all the same."""
+    stays the caller's to shut down, but the app drains it on shutdown all the same. allow_runtime_lora
+    adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's API): they read server-side paths,
+    so they exist only when asked for (and sit behind the API key like every /v1 route)."""
     limits = limits or ServeLimits()
     async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
     metrics = ServerMetrics(model_name, lambda: async_engine.snapshot)
@@ -173,6 +179,33 @@ def create_app(engine: LLMEngine | AsyncLLMEngine, tokenizer, model_name: str, a
         tokens = sum(len(ids) for ids in batch)
         return {"object": "list", "data": data, "model": body.model or model_name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    if allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoraRequest) -> dict[str, Any]:
+            name = body.lora_name
+            if name in ctx.models.names():
+                raise APIError(400, f"a model named {name!r} is already served", param="lora_name")
+            if not Path(body.lora_path).is_dir():
+                raise APIError(400, f"adapter directory not found: {body.lora_path}", param="lora_path")
+            try:
+                await async_engine.call(lambda eng: eng.add_lora(name, body.lora_path))
+            except (LMForgeError, OSError, ValueError, KeyError, RuntimeError) as e:  # not a LoRA dir, wrong shapes
+                raise APIError(400, f"cannot load {body.lora_path!r} as a LoRA adapter: {e}",
+                               param="lora_path") from None
+            return {"object": "lora_adapter", "id": name, "status": "loaded"}
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoraRequest) -> dict[str, Any]:
+            name = body.lora_name
+            if name not in ctx.models.adapters():
+                raise APIError(404, f"no LoRA adapter named {name!r}; loaded: {ctx.models.adapters()}",
+                               param="lora_name", code="model_not_found")
+            try:
+                await async_engine.call(lambda eng: eng.remove_lora(name))
+            except LMForgeError as e:  # requests still use it
+                raise APIError(409, str(e), param="lora_name", code="adapter_in_use") from None
+            return {"object": "lora_adapter", "id": name, "status": "unloaded"}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

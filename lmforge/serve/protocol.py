@@ -141,6 +141,15 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
+class LoadLoraRequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=128)
+
+
 class EmbeddingRequest(_Body):
     model: str | None = None
     input: Union[str, list[str], list[int], list[list[int]]]
