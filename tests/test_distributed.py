@@ -20,14 +20,6 @@ STEPS = 8
 TOLERANCE = 2e-4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
@@ -43,7 +35,7 @@ def single_process_losses(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_single_process(parallel, tiny_data, tmp_path, single_process_losses):
     out = tmp_path / parallel
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lmforge", "pretrain",
            *pretrain_args(tiny_data, out, f"train.max_steps={STEPS}", "train.batch_size=4", "train.eval_batches=1",
                           f"train.parallel={parallel}", "train.num_threads=1", "train.save_every=4")]
