@@ -11,14 +11,19 @@ tensor (`index_copy_`): one graph serves every step of a generation and every la
 batch size and capacity (capacities are rounded up to CAPACITY_MULTIPLE to share graphs). The graph
 freezes the weights as constants, so it is keyed by the weights' identity and version: a training step,
 a LoRA merge or a dtype change compiles afresh. The first call of a shape compiles (~10 s for a 12-layer
-model on this CPU); see docs/benchmarks.md for what it buys.
+model on this CPU); see docs/benchmarks.md for what it buys. Where tracing or compiling fails (an
+adapter-wrapped model can hit an inductor pattern bug), a RuntimeWarning says so and the step runs eagerly
+with the same static-shape cache: the output stays the eager one.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import torch
 import torch._inductor.config as inductor_config
+from torch._dynamo.exc import TorchDynamoException
 
 from ..core.errors import ConfigError
 from ..model.attention import sdpa
@@ -90,11 +95,22 @@ def decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     if cached is not None and cached[0] == key:
         return cached[1]
 
-    graph = torch.compile(_Step(model), fullgraph=True, dynamic=False)
+    eager = _Step(model)
+    graph = torch.compile(eager, fullgraph=True, dynamic=False)
+    failed: list[str] = []
 
     def compiled(*args: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        with inductor_config.patch(_INDUCTOR_CONFIG):
-            return graph(*args)
+        if failed:
+            return eager(*args)
+        try:
+            with inductor_config.patch(_INDUCTOR_CONFIG):
+                return graph(*args)
+        except TorchDynamoException as e:  # tracing or compiling failed (before the graph ran): stay correct
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()][:2]
+            failed.append(f"{type(e).__name__}: {' '.join(lines)}")
+            warnings.warn(f"compile=True: torch.compile could not compile this model's decode step "
+                          f"({failed[0][:200]}); decoding eagerly", RuntimeWarning, stacklevel=2)
+            return eager(*args)
 
     model._compiled_decode = (key, compiled)
     return compiled

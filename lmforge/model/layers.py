@@ -150,9 +150,10 @@ class FusedLinears:
     def make(cls, linears: list[nn.Module], current: "FusedLinears | None") -> "FusedLinears | None":
         if current is not None and current.valid():
             return current
+        if _REORDER_WEIGHT is None or any(type(m) is not Linear for m in linears):
+            return None  # e.g. wrapped by an adapter (LoRA, DoRA): each runs on its own
         weight = linears[0].weight
-        if (_REORDER_WEIGHT is None or any(type(m) is not Linear for m in linears)
-                or any(type(m.weight) not in (torch.Tensor, nn.Parameter) or m.weight.dtype != weight.dtype
+        if (any(type(m.weight) not in (torch.Tensor, nn.Parameter) or m.weight.dtype != weight.dtype
                        or m.weight.device.type != "cpu" or m.weight.is_inference() for m in linears)
                 or weight.dtype not in (torch.float32, torch.bfloat16)
                 or len({m.bias is None for m in linears}) > 1):
