@@ -45,6 +45,45 @@ def test_generate_command_samples(tiny_data, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_generate_and_chat_take_an_adapter(tiny_data, tmp_path, capsys):
+    """--adapter loads a PEFT adapter on the model (the merged model's greedy text comes out)."""
+    import copy
+    import io
+
+    import torch
+
+    from lmforge.commands import chat as chat_command
+    from lmforge.infer import generate
+    from lmforge.infer.load import load_model_and_tokenizer
+    from lmforge.peft import AdapterConfig, add_adapter, merge_and_unload, save_adapter
+
+    assert main(["pretrain", *pretrain_args(tiny_data, tmp_path / "run", "train.max_steps=2")]) == 0
+    model_dir = tmp_path / "run" / "model"
+    base, tok = load_model_and_tokenizer(model_dir)
+    lora = add_adapter(copy.deepcopy(base), AdapterConfig(method="lora", r=4, alpha=8, target_modules="all-linear"),
+                       "default", activate=True)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    save_adapter(lora, tmp_path / "adapter")
+    prompt = [tok.bos_id] + tok.encode("Hello") if tok.bos_id is not None and tok.bos_id != tok.eos_id \
+        else tok.encode("Hello")
+    merged = tok.decode(generate(merge_and_unload(lora), [prompt], 6)[0], skip_special_tokens=True)
+    plain = tok.decode(generate(base, [prompt], 6)[0], skip_special_tokens=True)
+    assert merged != plain
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hello",
+                 "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith(f"Hello\u2192{merged}")
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    if tok.chat_template is not None:
+        cfg = chat_command.Config(model=str(model_dir), adapter=str(tmp_path / "adapter"), max_tokens=4,
+                                  temperature=0.0, repetition_penalty=1.0)
+        transcript = chat_command.run(cfg, stdin=io.StringIO("hi\n/exit\n"), stdout=io.StringIO())
+        assert len(transcript) == 1
+
+
 @pytest.mark.slow
 def test_quickstart_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "qs"

@@ -18,6 +18,7 @@ from ..core.errors import ConfigError
 @dataclass
 class Config:
     model: str = opt("", "model directory (HF layout: config.json + safetensors + tokenizer with a chat template)")
+    adapter: str = opt("", "PEFT adapter directory to load on the model (LoRA, DoRA, IA3, bottleneck; ours or peft's)")
     system: str = opt("", "system message put first in every conversation (empty: none)")
     max_tokens: int = opt(256, "most tokens per reply")
     temperature: float = opt(0.7, "0 = greedy; otherwise softmax temperature")
@@ -84,16 +85,14 @@ def run(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) 
 
     from ..core.device import parse_dtype, pick_device
     from ..infer.engine import LLMEngine
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
+    from ..infer.load import load_model_and_tokenizer
 
     if not cfg.model:
         raise ConfigError("model is empty: pass --model DIR")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     device = pick_device(cfg.device)
     dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer.from_pretrained(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.adapter or None, device=device, dtype=dtype)
     if tokenizer.chat_template is None:
         raise ConfigError(f"{cfg.model} has no chat template; use `lmforge generate` for plain text")
     engine = LLMEngine(model, tokenizer, max_num_seqs=1, max_num_batched_tokens=512, seed=cfg.seed)

@@ -14,6 +14,7 @@ from ..core.errors import ConfigError
 @dataclass
 class Config:
     model: str = opt("", "model directory (HF layout: config.json + safetensors + tokenizer)")
+    adapter: str = opt("", "PEFT adapter directory to load on the model (ours or peft's; any method)")
     prompt: list[str] = opt([], "prompt(s); several prompts (comma-separated or repeated in YAML) run as one batch")
     chat: bool = opt(False, "wrap each prompt as a user message with the model's chat template")
     max_new_tokens: int = opt(64, "tokens to generate per prompt")
@@ -55,8 +56,8 @@ def run(cfg: Config) -> list[str]:
 
     from ..core.device import parse_dtype, pick_device
     from ..infer import generate
+    from ..infer.load import load_model_and_tokenizer
     from ..model import Transformer
-    from ..tokenizer import Tokenizer
 
     if not cfg.model:
         raise ConfigError("model is empty: pass --model DIR")
@@ -64,8 +65,7 @@ def run(cfg: Config) -> list[str]:
         raise ConfigError("prompt is empty: pass --prompt TEXT")
     device = pick_device(cfg.device)
     dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_pretrained(cfg.model)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.adapter or None, device=device, dtype=dtype)
     if cfg.chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
                    for p in cfg.prompt]

@@ -34,21 +34,10 @@ RESULTS_FORMAT = "lmforge-eval/1"
 
 def load_model(spec: ModelSpec, device: Any):
     """(model, tokenizer) for a spec: the checkpoint, its adapter on top, and the right tokenizer."""
-    import torch
-
     from ..core.device import parse_dtype
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
+    from ..infer.load import load_model_and_tokenizer
 
-    dtype = parse_dtype(spec.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = Transformer.from_pretrained(spec.path, device=device, dtype=dtype)
-    if spec.adapter:
-        from ..peft import load_adapter
-
-        model = load_adapter(model, spec.adapter)
-    tok_dir = spec.tokenizer or (spec.adapter if spec.adapter and (Path(spec.adapter) / "tokenizer.json").is_file()
-                                 else spec.path)
-    return model.eval(), Tokenizer.from_pretrained(tok_dir)
+    return load_model_and_tokenizer(spec.path, spec.adapter, spec.tokenizer, device, parse_dtype(spec.dtype))
 
 
 def safe_name(name: str) -> str:
