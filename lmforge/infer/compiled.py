@@ -17,9 +17,8 @@ with the same static-shape cache: the output stays the eager one.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import warnings
+from typing import Callable
 
 import torch
 import torch._inductor.config as inductor_config
