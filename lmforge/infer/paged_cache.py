@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import AttentionMask
+from ..model.attention import AttentionMask, sdpa
 from ..model.config import ModelConfig
 from ..model.rope import alibi_slopes
 from .block_manager import num_blocks_for
@@ -222,7 +222,7 @@ class PagedKVCache:
             keys, values = keys[:, :batch.decode_keys].transpose(1, 2), values[:, :batch.decode_keys].transpose(1, 2)
             queries = q[0, :, :rows].transpose(0, 1)[:, :, None]  # [rows, heads, 1, head_dim]
             mask = batch.decode_masks[windowed]
-            decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, **self.gqa)
+            decoded = sdpa(queries, keys, values, mask)  # one query per row: fp32 for a bf16 cache on CPU
             decoded = decoded[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, head_dim]
             if not batch.prefills:
                 return decoded
