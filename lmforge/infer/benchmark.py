@@ -7,11 +7,12 @@ What it reports, per precision (the model is cast to it; no autocast, on both si
   embedding row, plus the KV cache at the average context length) x decode tokens/s, against the
   machine's read bandwidth measured here as the best `sum()` over a tensor far larger than any cache
   (at the start and at the end of the run; the higher reading counts);
+- ours with `compile=True` (the torch.compile'd decode step, compiled during the warm-up) as a third side;
 - speculative decoding (ours only): acceptance rate, tokens per target forward and speed-up over plain
   greedy decoding, with a draft model (the target's first `draft_layers` layers plus its embedding,
   final norm and head: self-speculation, no second checkpoint needed) and with prompt lookup.
 
-Both sides take turns round by round so that drift in machine load hits both; medians are reported.
+The sides take turns round by round so that drift in machine load hits both; medians are reported.
 """
 from __future__ import annotations
 
