@@ -21,7 +21,9 @@ TARGET = "lm_eval.models"
 MODEL_NAME = "lmforge"
 LAZY_PATH = "lmforge.eval.lm_eval_adapter:LMForgeLM"
 PTH_NAME = "lmforge_lm_eval.pth"
-PTH_LINE = "import lmforge._lm_eval_hook as _h; _h.install()\n"
+# One line (site.py runs .pth lines that start with "import"); an uninstalled lmforge leaves it silent.
+PTH_LINE = ('import sys; exec("try:\\n import lmforge._lm_eval_hook as h; h.install()\\n'
+            'except ImportError:\\n pass")\n')
 
 
 def register_lazily() -> None:

@@ -25,6 +25,6 @@ rm -f "$constraints"
 # lm-eval 0.4 has no plugin lookup for model types: a one-line .pth registers "lmforge" lazily, so plain
 # `lm_eval --model lmforge ...` works (see lmforge/_lm_eval_hook.py).
 if .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("lm_eval") is None)'; then
-  .venv/bin/python -m lmforge._lm_eval_hook install >/dev/null
+  .venv/bin/python -c "from lmforge._lm_eval_hook import write_pth; write_pth()"
 fi
 echo "lmforge installed in .venv (torch ${torch_version})"
