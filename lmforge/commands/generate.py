@@ -32,7 +32,7 @@ class Config:
     num_sinks: int = opt(4, "with sink_window: the first tokens always kept in the cache")
     num_beams: int = opt(1, "beam search with this many beams (1 = off; deterministic, ignores temperature)")
     length_penalty: float = opt(1.0, "beam search: a finished beam scores sum(log p) / length ** length_penalty")
-    compile: bool = opt(False, "run decode steps through a torch.compile'd graph (first call compiles, ~10 s; "
+    compile: bool = opt(False, "run decode steps through a torch.compile'd graph (first call compiles, 10-20 s; "
                                "needs a C++ compiler; RoPE models)")
 
     def validate(self) -> None:

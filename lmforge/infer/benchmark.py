@@ -44,7 +44,7 @@ class GenerateBenchConfig:
     new_tokens: int = opt(128, "tokens to generate per timed run")
     rounds: int = opt(3, "timed rounds per side (sides alternate); medians are reported")
     hf: bool = opt(True, "also time transformers' generate() on the same weights")
-    compile: bool = opt(True, "also time generate(compile=True): the torch.compile'd decode step (compiles once, ~10 s)")
+    compile: bool = opt(True, "also time generate(compile=True): the torch.compile'd decode step (compiles once, 10-20 s)")
     speculative: bool = opt(True, "also time speculative decoding (draft model and prompt lookup)")
     draft_layers: int = opt(2, "draft model = the target's first N layers (+ embedding, norm, head)")
     num_speculative_tokens: int = opt(4, "draft tokens per round")

@@ -2,15 +2,16 @@
 
 Batch-1 decode is a chain of GEMVs (oneDNN, packed weights) separated by ~150 small ops per token — norms,
 RoPE, residual adds, cache writes, attention over a few hundred keys — each a Python call and a kernel
-launch. Inductor fuses those small ops into a few C++ loops and, with `freezing`, keeps the packed GEMVs
-as oneDNN calls on constant weights; `cpp_wrapper` runs the graph without Python in between.
+launch. Inductor fuses those small ops into a few C++ loops and, with `freezing`, turns the weights into
+constants: bf16 keeps the packed oneDNN GEMVs, fp32 gets inductor's own C++ GEMM template, which streams
+the weights faster (see `_FP32_CPU_CONFIG`); `cpp_wrapper` runs the graph without Python in between.
 
 Compilation wants static shapes, so the step attends over the cache's whole preallocated capacity with
 a mask (slots at or before the new token's, minus padding) and writes its key/value at a slot held in a
 tensor (`index_copy_`): one graph serves every step of a generation and every later call with the same
 batch size and capacity (capacities are rounded up to CAPACITY_MULTIPLE to share graphs). The graph
 freezes the weights as constants, so it is keyed by the weights' identity and version: a training step,
-a LoRA merge or a dtype change compiles afresh. The first call of a shape compiles (~10 s for a 12-layer
+a LoRA merge or a dtype change compiles afresh. The first call of a shape compiles (10-20 s for a 12-layer
 model on this CPU); see docs/benchmarks.md for what it buys. Where tracing or compiling fails (an
 adapter-wrapped model can hit an inductor pattern bug), a RuntimeWarning says so and the step runs eagerly
 with the same static-shape cache: the output stays the eager one.
