@@ -72,9 +72,17 @@ def fact_recall(model, tokenizer, prompts: list[ClozePrompt], batch_size: int = 
             target = e.ids[first:]
             guess = predicted[row, first - 1:len(e.ids) - 1].tolist()
             hit = guess == target
-            rows.append((p.prompt, tokenizer.decode(guess), hit))
+            rows.append((p.prompt, _shown(tokenizer, e.ids[:first], guess, p.prompt), hit))
             hits.setdefault(p.lang, []).append(hit)
     scores = {lang: sum(h) / len(h) for lang, h in hits.items()}
     every = [h for hs in hits.values() for h in hs]
     scores["all"] = sum(every) / len(every) if every else 0.0
     return scores, rows
+
+
+def _shown(tokenizer, context: list[int], guess: list[int], prompt: str) -> str:
+    """The predicted continuation as text. Byte-level pieces of Chinese often straddle characters (武港 is
+    four pieces, two of them halves of both characters), so the guess alone may not decode to whole
+    characters: decode it after its context and cut the prompt off."""
+    full = tokenizer.decode(context + guess)
+    return full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(guess)
