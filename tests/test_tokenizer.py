@@ -274,3 +274,32 @@ def test_config_rejects_unusable_settings():
     assert cfg.kind == "unigram" and cfg.all_special_tokens() == ["<s>", "</s>", "<unk>"]
     with pytest.raises(ConfigError, match="kind"):
         load_config(TokenizerConfig, overrides=["kind=sentencepiece"])
+
+
+def test_byte_bpe_split_cjk_never_merges_across_characters(transformers_auto, tmp_path):
+    """split_cjk: every CJK ideograph is its own pre-token, so no token holds bytes of two characters (the
+    default byte-level BPE merges across them); any text still round-trips, and transformers agrees."""
+    plain = train_tokenizer(CORPUS, TokenizerConfig(kind="byte_bpe", vocab_size=700, min_frequency=1))
+    split = train_tokenizer(CORPUS, TokenizerConfig(kind="byte_bpe", vocab_size=700, min_frequency=1, split_cjk=True))
+
+    def straddles(tok: Tokenizer, text: str) -> bool:  # a token whose characters are not exactly one ideograph
+        encoding = tok.backend.encode(text, add_special_tokens=False)
+        return any(end - start > 1 for start, end in encoding.offsets)
+
+    chinese = "小猫喜欢安静的大海！每个学生记得一张旧地图"
+    assert straddles(plain, chinese) and not straddles(split, chinese)
+    for text in ARBITRARY:
+        assert split.decode(split.encode(text)) == text
+    split.save_pretrained(tmp_path)
+    hf = transformers_auto.from_pretrained(tmp_path)
+    for text in ARBITRARY:
+        assert hf.encode(text, add_special_tokens=False) == split.encode(text)
+    # No merge spans two ideographs, so GPT-2's own grouping (e.g. llama.cpp's `gpt-2` pre-tokenizer) with
+    # this vocabulary gives the same tokens: the split need not be carried by a converter.
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import pre_tokenizers
+
+    gpt2_grouping = RustTokenizer.from_str(split.backend.to_str())
+    gpt2_grouping.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for text in ARBITRARY + ["住在 武港，小猫喜欢安静的大海！ 每个学生记得"]:
+        assert gpt2_grouping.encode(text, add_special_tokens=False).ids == split.encode(text)

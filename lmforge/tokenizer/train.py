@@ -52,6 +52,8 @@ class TokenizerConfig:
     unk_token: str = opt("<unk>", "unknown-piece token, used by bpe, unigram and wordpiece (not byte_bpe)")
     chat_template: str = opt("chatml", f"built-in template name ({', '.join(BUILTIN_TEMPLATES)}) or a Jinja string")
     model_max_length: int = opt(2048, "longest sequence (tokens) the model is meant to see; saved for transformers")
+    split_cjk: bool = opt(False, "byte_bpe: make every CJK ideograph its own pre-token, so no merge crosses a "
+                                 "character boundary (much better for Chinese at small vocabularies)")
 
     def validate(self) -> None:
         """Raise ConfigError naming the key when the settings cannot train a working tokenizer."""
@@ -113,7 +115,9 @@ def _train_byte_bpe(texts: Iterable[str], cfg: TokenizerConfig, specials: list[s
     # GPT-2's layout exactly (split regex, byte alphabet, no prefix space) so converters such as llama.cpp's
     # recognise the pre-tokenizer; the full 256-byte alphabet makes every string encodable.
     tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(_CJK, behavior="isolated"), byte_level])
+                         if cfg.split_cjk else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
