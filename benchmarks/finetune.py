@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (CONTAMINATION, add_shape_args, cpu_name, cpu_ticks, make_batches, model_config,  # noqa: E402
-                              others_cores, train_config)
+from train_throughput import (CONTAMINATION, add_shape_args, cpu_name, cpu_ticks, hf_llama,  # noqa: E402
+                              make_batches, model_config, others_cores, train_config)
 
 CONFIGS = ("full", "lora", "qlora", "hf-lora")
 RANK, ALPHA = 16, 32
@@ -114,15 +114,8 @@ def build_hf(config, state: dict, cfg):
     import warnings
 
     import peft
-    import transformers
 
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf_config)
-    model.load_state_dict(state, strict=False)
+    model = hf_llama(config, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,

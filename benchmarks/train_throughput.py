@@ -190,7 +190,8 @@ def ours(config: ModelConfig, state: dict, precision: str, cfg: TrainConfig, com
     return Contender(step)
 
 
-def huggingface(config: ModelConfig, state: dict, precision: str, cfg: TrainConfig, compile_: bool) -> Contender:
+def hf_llama(config: ModelConfig, state: dict):
+    """transformers' LlamaForCausalLM of the same shape holding the same weights (SDPA attention)."""
     import transformers
 
     hf_config = transformers.LlamaConfig(
@@ -200,6 +201,11 @@ def huggingface(config: ModelConfig, state: dict, precision: str, cfg: TrainConf
         rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hf_config)
     model.load_state_dict(state, strict=False)  # same keys; HF's state dict has no extra trainable tensors
+    return model
+
+
+def huggingface(config: ModelConfig, state: dict, precision: str, cfg: TrainConfig, compile_: bool) -> Contender:
+    model = hf_llama(config, state)
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=True)
