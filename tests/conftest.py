@@ -131,20 +131,33 @@ def step_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def redrawn_llama(vocab_size: int, hidden_size: int, intermediate_size: int, seed: int = 0, std: float = 0.2):
-    """A 2-layer GQA Llama whose weights (norms aside) are redrawn N(0, std²) from `seed`: larger than the
-    default init, so a wrong formula shows in the logits. Eval mode."""
+def redrawn_llama(vocab_size: int, hidden_size: int, intermediate_size: int, seed: int = 0, std: float = 0.2,
+                  model_type: str = "llama", **extra):
+    """A 2-layer GQA model (Llama unless `model_type` says otherwise; `extra`: more ModelConfig fields) whose
+    weights (norms aside) are redrawn N(0, std²) from `seed`: larger than the default init, so a wrong
+    formula shows in the logits. Eval mode."""
     import torch
 
     from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size,
+    model = Transformer(ModelConfig(model_type=model_type, vocab_size=vocab_size, hidden_size=hidden_size,
                                     intermediate_size=intermediate_size, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    max_position_embeddings=64))
+                                    max_position_embeddings=64, **extra))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not name.endswith("norm.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model.eval()
+
+
+def reference_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """argmax of the full forward over everything so far, appended one token at a time (no cache)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import reference_greedy
 import torch
 
 from lmforge.infer import generate
@@ -37,15 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return _random_model()
-
-
-@torch.no_grad()
-def reference_greedy(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:
-    """argmax of the full forward over everything so far, appended one token at a time."""
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def _prompts(seed: int, count: int, max_len: int = 40) -> list[list[int]]:

@@ -7,6 +7,7 @@ import copy
 import random
 
 import pytest
+from conftest import reference_greedy
 import torch
 
 from lmforge.core.errors import ConfigError
@@ -53,14 +54,6 @@ def adapter_dirs(base, tmp_path_factory) -> dict[str, str]:
                     param.add_(torch.randn(param.shape, generator=generator) * 0.3)
         dirs[name] = str(save_adapter(model, root / name))
     return dirs
-
-
-@torch.no_grad()
-def reference_greedy(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

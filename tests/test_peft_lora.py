@@ -9,11 +9,12 @@ import json
 import warnings
 
 import pytest
+from conftest import redrawn_llama
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.core.errors import CheckpointError, ConfigError
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.peft import (AdapterConfig, IA3Linear, LoraLinear, add_adapter, adapter_rows, apply_adapter,
                           delete_adapter, disable_adapters, find_targets, load_adapter, merge_adapter,
                           merge_and_unload, param_groups, save_adapter, set_adapter, trainable_parameters,
@@ -33,16 +34,7 @@ METHODS = {
 
 def tiny_model(seed: int = 0, model_type: str = "llama", std: float = 0.2, **extra) -> Transformer:
     """A 2-layer model with weights redrawn at `std` (same seed → same weights)."""
-    torch.manual_seed(seed)
-    config = ModelConfig(model_type=model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
-                         num_heads=4, num_kv_heads=2, max_position_embeddings=64, **extra)
-    model = Transformer(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model.eval()
+    return redrawn_llama(VOCAB, 32, 48, seed, std=std, model_type=model_type, **extra)
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int, names: tuple[str, ...] = ("default",)) -> None:

@@ -7,7 +7,6 @@ import random
 
 import openai
 import pytest
-import torch
 from serve_support import random_model, tiny_tokenizer
 
 from lmforge.cli import COMMANDS, main

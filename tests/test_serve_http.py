@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from serve_support import random_model, tiny_tokenizer
 
 from lmforge.infer.engine import LLMEngine
