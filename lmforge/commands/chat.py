@@ -81,8 +81,6 @@ class ChatSession:
 
 def run(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict[str, Any]]:
     """The chat loop; returns the transcript (user text, reply, prompt tokens per turn)."""
-    import torch
-
     from ..core.device import parse_dtype, pick_device
     from ..infer.engine import LLMEngine
     from ..infer.load import load_model_and_tokenizer
@@ -91,8 +89,8 @@ def run(cfg: Config, stdin: TextIO | None = None, stdout: TextIO | None = None) 
         raise ConfigError("model is empty: pass --model DIR")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     device = pick_device(cfg.device)
-    dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.adapter or None, device=device, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.adapter or None, device=device,
+                                                dtype=parse_dtype(cfg.dtype))
     if tokenizer.chat_template is None:
         raise ConfigError(f"{cfg.model} has no chat template; use `lmforge generate` for plain text")
     engine = LLMEngine(model, tokenizer, max_num_seqs=1, max_num_batched_tokens=512, seed=cfg.seed)

@@ -61,13 +61,10 @@ def parse_loras(specs: list[str]) -> dict[str, str]:
 
 def build_app(cfg: Config):
     """The engine and the FastAPI app that `run` serves (tests call this directly)."""
-    import torch
-
     from ..core.device import parse_dtype, pick_device, set_threads
     from ..infer.engine import LLMEngine
-    from ..model import Transformer
+    from ..infer.load import load_model_and_tokenizer
     from ..serve.app import create_app
-    from ..tokenizer import Tokenizer
 
     if not cfg.model:
         raise ConfigError("model is empty: pass --model DIR")
@@ -76,9 +73,8 @@ def build_app(cfg: Config):
     adapters = parse_loras(cfg.lora)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
-    dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer=cfg.tokenizer or None, device=device,
+                                                dtype=parse_dtype(cfg.dtype))
     engine = LLMEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
                        max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len or None,
                        enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_bytes=cfg.kv_cache_bytes,
